@@ -1,0 +1,302 @@
+"""The strategy interface: one class for the cloud side, one for the device side, per algorithm.
+
+The coordinator owns the round loop and calls the server strategy; agents call the client strategy.
+Everything that crosses between them is a :class:`Task` or an :class:`Update`: named arrays plus a
+small JSON-able dict, so the same strategy runs over the in-memory transport and over MQTT.
+
+Parameter flow rule: a task carries only the entries the cloud wants to overwrite. Every other entry
+of the device's model is the device's own from its previous round (personal layers, BN statistics),
+so "what stays local" is simply "what the cloud never sends".
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from fedcmd_core.models import is_bn_statistic, layer_of
+from fedcmd_core.params import Arrays, load_arrays, model_arrays, weighted_average
+from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
+
+
+class HyperParams(BaseModel):
+    """Base for an algorithm's hyper-parameters: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Task:
+    """Cloud -> device: train (``fit``) or only evaluate, starting from these arrays."""
+
+    round: int
+    kind: Literal["fit", "evaluate"]
+    arrays: Arrays = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """Device -> cloud: uploaded arrays, the sample count, evaluation counts and strategy extras."""
+
+    round: int
+    arrays: Arrays = field(default_factory=dict)
+    num_samples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """What both sides know about the model: its initial state and layer structure."""
+
+    initial: Arrays
+    layer_names: list[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.initial)
+
+    def keys_of(self, layers: Sequence[str]) -> list[str]:
+        wanted = set(layers)
+        return [k for k in self.initial if layer_of(k) in wanted]
+
+    def trainable_keys(self) -> list[str]:
+        return [k for k in self.initial if not is_bn_statistic(k)]
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelSpec:
+        return cls(initial=model_arrays(model), layer_names=[n for n, _ in model.named_children()])
+
+
+@dataclass
+class ServerContext:
+    spec: ModelSpec
+    num_clients: int
+    global_epoch: int
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------- cloud side
+class ServerStrategy(ABC):
+    """Cloud side. Default behaviour is FedAvg over all arrays; algorithms override what differs."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[HyperParams]] = HyperParams
+
+    def __init__(self, params: HyperParams, ctx: ServerContext) -> None:
+        self.params = params
+        self.ctx = ctx
+        self.global_arrays: Arrays = {k: v.copy() for k, v in ctx.spec.initial.items()}
+        self.pending: dict[int, Update] = {}
+        self.started: set[int] = set()
+
+    # A device's first task carries every trainable entry, so that its personal layers start from the
+    # cloud's current model (as FL-bench does), not from the random initialisation.
+    send_full_first: ClassVar[bool] = True
+
+    def task_for(self, rnd: int, cid: int, kind: Literal["fit", "evaluate"] = "fit") -> Task:
+        """The task the coordinator sends: the strategy's own, topped up on a device's first contact."""
+        task = self.configure_fit(rnd, cid) if kind == "fit" else self.configure_evaluate(rnd, cid)
+        if self.send_full_first and cid not in self.started:
+            arrays = dict(task.arrays)
+            for k in self.ctx.spec.trainable_keys():
+                arrays.setdefault(k, self.global_arrays[k])
+            task.arrays = arrays
+            if kind == "fit":
+                self.started.add(cid)
+        return task
+
+    # --- round structure
+    def sequential(self, rnd: int) -> bool:
+        """True when this round's clients must train one after another (relay)."""
+        return False
+
+    def phase(self, rnd: int) -> str:
+        return "train"
+
+    def shared_keys(self, rnd: int) -> list[str]:
+        """The entries sent to (and averaged from) devices in round ``rnd``."""
+        return self.ctx.spec.keys
+
+    # --- messages
+    def begin_round(self, rnd: int, cids: Sequence[int]) -> None:
+        """Called once with the round's sampled clients, before any task is configured."""
+
+    def configure_fit(self, rnd: int, cid: int) -> Task:
+        keys = self.shared_keys(rnd)
+        return Task(rnd, "fit", {k: self.global_arrays[k] for k in keys}, {"upload": keys})
+
+    def configure_evaluate(self, rnd: int, cid: int) -> Task:
+        task = self.configure_fit(rnd, cid)
+        return Task(rnd, "evaluate", task.arrays, task.config)
+
+    def on_update(self, rnd: int, cid: int, update: Update) -> None:
+        """Called for each accepted update (in sampling order; in relay rounds, before the next dispatch)."""
+        self.pending[cid] = update
+
+    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
+        """Aggregate the round's updates; return JSON-able facts to log about the round."""
+        updates = [self.pending[c] for c in cids if c in self.pending]
+        self.pending.clear()
+        if updates:
+            keys = list(updates[0].arrays)
+            self.global_arrays.update(
+                weighted_average([u.arrays for u in updates], [max(u.num_samples, 1) for u in updates], keys)
+            )
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Facts for summary.json (chosen layers, votes, ...)."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------- device side
+@dataclass
+class ClientData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass
+class ClientContext:
+    """What a device-side strategy works with: a workspace model (shared, reloaded every task), its data,
+    the training settings and a seed for this client."""
+
+    model: nn.Module
+    spec: ModelSpec
+    data: ClientData
+    train: TrainConfig
+    seed: int
+    client_id: int
+    eval_train: bool = False
+    finetune_epoch: int = 0
+    eval_data: ClientData | None = None  # global test set, when --global_testset
+
+
+class ClientStrategy:
+    """Device side. The default is plain local SGD: load, evaluate, train, evaluate, upload."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[HyperParams]] = HyperParams
+
+    def __init__(self, params: HyperParams, ctx: ClientContext) -> None:
+        self.params = params
+        self.ctx = ctx
+        # Everything this device keeps between rounds: its full last model and optimizer momentum.
+        self.state: Arrays = {}
+
+    # --- hooks for algorithms
+    def batch_hook(self, task: Task):  # -> BatchHook | None
+        return None
+
+    def loss_term(self, task: Task):  # -> LossTerm | None
+        return None
+
+    def trainable(self, task: Task) -> list[nn.Parameter]:
+        return [p for p in self.ctx.model.parameters() if p.requires_grad]
+
+    def local_train(self, task: Task, generator: torch.Generator) -> None:
+        epochs = int(task.config.get("local_epoch", self.ctx.train.local_epoch))
+        self._sgd(task, epochs, generator, self.trainable(task), self.batch_hook(task))
+
+    def upload(self, task: Task, received: Arrays) -> tuple[Arrays, dict[str, Any]]:
+        """Arrays (and JSON extras) to send back after training; default: the keys the cloud asked for."""
+        keys = task.config.get("upload", list(task.arrays))
+        return model_arrays(self.ctx.model, keys), {}
+
+    # --- the fixed flow
+    def fit(self, task: Task) -> Update:
+        self._load(task)
+        generator = self._generator(task)
+        metrics = self._evaluate("before")
+        self.local_train(task, generator)
+        metrics.update(self._evaluate("after"))
+        arrays, info = self.upload(task, task.arrays)
+        self.state.update(model_arrays(self.ctx.model))
+        return Update(task.round, arrays, int(self.ctx.data.x_train.shape[0]), metrics, info)
+
+    def evaluate(self, task: Task) -> Update:
+        """Personalized evaluation; with finetune_epoch > 0 also after fine-tuning a throwaway copy."""
+        self._load(task)
+        metrics = self._evaluate("before")
+        if self.ctx.finetune_epoch > 0:
+            saved = model_arrays(self.ctx.model)
+            self._sgd(task, self.ctx.finetune_epoch, self._generator(task), self.trainable(task), None)
+            metrics.update(self._evaluate("after"))
+            load_arrays(self.ctx.model, saved)
+        return Update(task.round, {}, int(self.ctx.data.x_train.shape[0]), metrics, {})
+
+    # --- helpers
+    def _load(self, task: Task) -> None:
+        base = self.state if self.state else self.ctx.spec.initial
+        load_arrays(self.ctx.model, {k: v for k, v in base.items() if k in self.ctx.spec.initial})
+        load_arrays(self.ctx.model, task.arrays)
+
+    def _generator(self, task: Task) -> torch.Generator:
+        # One stream per (run seed, round, client): identical wherever and in whatever order clients run.
+        seed = (self.ctx.seed * 1_000_003 + task.round * 10_007 + self.ctx.client_id) % (2**63)
+        torch.manual_seed(seed)  # dropout etc.
+        return torch.Generator().manual_seed(seed)
+
+    def _sgd(self, task: Task, epochs: int, generator: torch.Generator, params: list[nn.Parameter], hook) -> None:
+        if epochs <= 0 or not params:
+            return
+        optimizer = make_optimizer(params, self.ctx.train)
+        self._load_momentum(optimizer, params)
+        train_epochs(
+            self.ctx.model,
+            self.ctx.data.x_train,
+            self.ctx.data.y_train,
+            optimizer,
+            epochs,
+            self.ctx.train.batch_size,
+            generator,
+            batch_hook=hook,
+            hook_every=int(task.config.get("hook_every", 1)),
+            loss_term=self.loss_term(task),
+        )
+        self._save_momentum(optimizer, params)
+
+    def _load_momentum(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        if self.ctx.train.momentum == 0:
+            return
+        names = {id(p): n for n, p in self.ctx.model.named_parameters()}
+        for p in params:
+            buf = self.state.get(f"momentum::{names[id(p)]}")
+            if buf is not None:
+                optimizer.state[p]["momentum_buffer"] = torch.from_numpy(buf.copy())
+
+    def _save_momentum(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        if self.ctx.train.momentum == 0:
+            return
+        names = {id(p): n for n, p in self.ctx.model.named_parameters()}
+        for p in params:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                self.state[f"momentum::{names[id(p)]}"] = buf.detach().cpu().numpy().copy()
+
+    def _evaluate(self, when: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        test = self.ctx.eval_data or self.ctx.data
+        splits: list[tuple[str, EvalResult]] = [("test", evaluate(self.ctx.model, test.x_test, test.y_test))]
+        if self.ctx.eval_train:
+            splits.append(("train", evaluate(self.ctx.model, self.ctx.data.x_train, self.ctx.data.y_train)))
+        for split, res in splits:
+            out[f"{split}_{when}_correct"] = float(res.correct)
+            out[f"{split}_{when}_loss"] = res.loss_sum
+            out[f"{split}_{when}_count"] = float(res.count)
+        return out
+
+
+def data_weights(updates: Mapping[int, Update], cids: Sequence[int]) -> np.ndarray:
+    return np.asarray([max(updates[c].num_samples, 1) for c in cids], dtype=np.float64)

@@ -1,0 +1,273 @@
+"""FedCMD (Zhang et al., IEEE Trans. Computers 2024, arXiv:2403.02360) as DESIGN.md §2 defines it.
+
+Phase 1 (``selection_rounds``): FedAvg rounds during which every device votes, batch by batch, for the
+layer whose Wasserstein layer-embedding shift best matches its own input->label shift; the cloud takes
+the mode per client, per round, then over rounds. Phase 2: the chosen layer and BN statistics stay on
+the device. ``body_mode="weighted"`` gives device i the body sum_j Phi_ij theta_j / sum_j Phi_ij over
+the stored (detached) bodies, Phi_ij = exp(s_ij / tau), s_ij = max(0, row-mean cos(dW_i, dW_j)) of
+the personal-layer updates; ``body_mode="relay"`` passes the body from device to device in sampling
+order, which is what the released code computed (REFERENCE.md §6).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from fedcmd_core import kernels
+from fedcmd_core.params import Arrays, flatten, model_arrays, unflatten
+from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances, mode, round_mode
+from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerContext, ServerStrategy, Task
+
+DELTA = "delta::"  # prefix of uploaded personal-layer updates
+
+
+class FedCMDParams(HyperParams):
+    selection_rounds: float = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
+    candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
+    selection_metric: SelectionMetric = "w1"
+    embedding: Embedding = "minmax_mean"
+    vote_every: int = Field(1, ge=1, description="vote on every k-th batch")
+    body_mode: Literal["weighted", "relay"] = "weighted"
+    tau: float = Field(1.0, gt=0, description="temperature of Phi = exp(s / tau)")
+    unknown_similarity: float = Field(0.0, ge=0, le=1, description="s for pairs never compared")
+    top_k: int = Field(0, ge=0, description="weighted mode: keep only the k most similar bodies (0: all)")
+    size_weighting: bool = Field(False, description="weighted mode: multiply Phi_ij by n_j")
+    self_weight: float = Field(0.0, ge=0, description="weighted mode: extra weight on one's own body")
+
+    @model_validator(mode="after")
+    def _check(self) -> FedCMDParams:
+        if self.selection_rounds >= 1 and self.selection_rounds != int(self.selection_rounds):
+            raise ValueError("selection_rounds must be a fraction < 1 or a whole number of rounds")
+        return self
+
+
+def selection_length(value: float, global_epoch: int) -> int:
+    n = int(global_epoch * value) if value < 1 else int(value)
+    return max(1, min(n, global_epoch))
+
+
+def default_candidates(layer_names: Sequence[str]) -> list[str]:
+    fc = [n for n in layer_names if n.startswith("fc") or n == "classifier"]
+    return fc if fc else list(layer_names[-3:])
+
+
+class FedCMDServer(ServerStrategy):
+    name = "fedcmd"
+    Params = FedCMDParams
+
+    def __init__(self, params: FedCMDParams, ctx: ServerContext) -> None:
+        super().__init__(params, ctx)
+        self.params: FedCMDParams = params
+        spec = ctx.spec
+        self.candidates = list(params.candidates or default_candidates(spec.layer_names))
+        unknown = [c for c in self.candidates if c not in spec.layer_names]
+        if unknown:
+            raise ValueError(f"fedcmd: candidate layers {unknown} are not layers of the model {spec.layer_names}")
+        self.phase1 = selection_length(params.selection_rounds, ctx.global_epoch)
+        self.trainable = spec.trainable_keys()
+        self.round_modes: list[str | None] = []
+        self.vote_totals: Counter[str] = Counter()
+        self.client_votes: dict[int, dict[str, int]] = {}
+        self.chosen: str | None = None
+        self.body_keys: list[str] = []
+        self.personal_keys: list[str] = []
+        self.bodies: dict[int, np.ndarray] = {}  # detached flattened trainable state per client
+        self.deltas: dict[int, dict[str, np.ndarray]] = {}  # personal-candidate updates per client
+        self.sizes: dict[int, int] = {}
+        self.sim: np.ndarray | None = None
+        self.relay_body: np.ndarray | None = None
+        self._round_bodies: dict[int, np.ndarray] = {}
+
+    # ----------------------------------------------------------------------------------- structure
+    def phase(self, rnd: int) -> str:
+        return "select" if rnd < self.phase1 else "personal"
+
+    def sequential(self, rnd: int) -> bool:
+        return rnd >= self.phase1 and self.params.body_mode == "relay"
+
+    def shared_keys(self, rnd: int) -> list[str]:
+        return self.trainable if rnd < self.phase1 else self.body_keys
+
+    # ----------------------------------------------------------------------------------- dispatch
+    def begin_round(self, rnd: int, cids: Sequence[int]) -> None:
+        if rnd == self.phase1 or (rnd > self.phase1 and self.chosen is None):
+            self._finish_selection()
+        if rnd >= self.phase1 and self.params.body_mode == "weighted":
+            self._round_bodies = dict(zip(cids, self._weighted_bodies(cids)))
+
+    def configure_fit(self, rnd: int, cid: int) -> Task:
+        if rnd < self.phase1:
+            cfg = {"upload": self.trainable, "vote": self.candidates}
+            return Task(rnd, "fit", {k: self.global_arrays[k] for k in self.trainable}, cfg)
+        if self.params.body_mode == "relay":
+            body = self.relay_body
+        else:
+            body = self._round_bodies.get(cid)
+            if body is None:
+                body = self._weighted_bodies([cid])[0]
+        arrays = unflatten(body, self.global_arrays, self.body_keys)
+        return Task(rnd, "fit", arrays, {"upload": self.body_keys, "personal": self.personal_keys})
+
+    def on_update(self, rnd: int, cid: int, update: Any) -> None:
+        super().on_update(rnd, cid, update)
+        if rnd >= self.phase1 and self.params.body_mode == "relay":
+            self.relay_body = flatten(update.arrays, self.body_keys)
+
+    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
+        done = [c for c in cids if c in self.pending]
+        for c in done:
+            self.sizes[c] = max(self.pending[c].num_samples, 1)
+        facts: dict[str, Any] = {}
+        if rnd < self.phase1:
+            candidate_keys = self.ctx.spec.keys_of(self.candidates)
+            for c in done:
+                arrays = self.pending[c].arrays
+                self.bodies[c] = flatten(arrays, self.trainable)
+                # Phase-1 devices trained from the global model: their update is trained - global.
+                self.deltas[c] = {k: arrays[k] - self.global_arrays[k] for k in candidate_keys if k in arrays}
+            votes = [self.pending[c].info.get("votes", {}) for c in done]
+            for c, v in zip(done, votes):
+                self.client_votes[c] = v
+                self.vote_totals.update(v)
+            rmode = round_mode(votes, self.candidates)
+            self.round_modes.append(rmode)
+            facts["round_layer"] = rmode
+            super().end_round(rnd, cids)  # FedAvg of the trainable entries
+            return facts
+        for c in done:
+            arrays = self.pending[c].arrays
+            self.bodies[c] = flatten(arrays, self.body_keys)
+            self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
+        self._update_similarity()
+        self.pending.clear()
+        if self.relay_body is not None:
+            self.global_arrays.update(unflatten(self.relay_body, self.global_arrays, self.body_keys))
+        return facts
+
+    # ----------------------------------------------------------------------------------- selection
+    def _finish_selection(self) -> None:
+        counts = Counter(m for m in self.round_modes if m is not None)
+        self.chosen = mode(counts, self.candidates) or self.candidates[-1]
+        personal = set(self.ctx.spec.keys_of([self.chosen]))
+        self.personal_keys = [k for k in self.trainable if k in personal]
+        self.body_keys = [k for k in self.trainable if k not in personal]
+        # Stored phase-1 models become bodies; their chosen-layer updates seed the similarities.
+        self.bodies = {c: self._body_from_full(v) for c, v in self.bodies.items()}
+        self.relay_body = flatten(self.global_arrays, self.body_keys)
+        self._update_similarity()
+
+    def _body_from_full(self, full: np.ndarray) -> np.ndarray:
+        arrays = unflatten(full, self.global_arrays, self.trainable)
+        return flatten(arrays, self.body_keys)
+
+    # ----------------------------------------------------------------------------------- weighting
+    def _update_similarity(self) -> None:
+        """s_ij among all clients holding a personal-layer update; NaN where never compared."""
+        n = self.ctx.num_clients
+        self.sim = np.full((n, n), np.nan)
+        held = [c for c in sorted(self.deltas) if self._head(c) is not None]
+        if held:
+            s = kernels.rowwise_mean_cosine_matrix(np.stack([self._head(c) for c in held]))
+            self.sim[np.ix_(held, held)] = np.maximum(0.0, s)
+
+    def _head(self, cid: int) -> np.ndarray | None:
+        """dW_i as rows [out, in (+1 for the bias)]."""
+        delta = self.deltas.get(cid, {})
+        if not self.personal_keys or any(k not in delta for k in self.personal_keys):
+            return None
+        weight = next((k for k in self.personal_keys if k.endswith("weight")), self.personal_keys[0])
+        w = np.asarray(delta[weight], dtype=np.float64)
+        rows = w.reshape(w.shape[0], -1)
+        bias = weight[: -len("weight")] + "bias"
+        if bias in delta:
+            rows = np.concatenate([rows, np.asarray(delta[bias], dtype=np.float64).reshape(-1, 1)], axis=1)
+        return rows
+
+    def _weighted_bodies(self, cids: Sequence[int]) -> np.ndarray:
+        held = sorted(self.bodies)
+        if not held:
+            start = flatten(self.global_arrays, self.body_keys)
+            return np.stack([start for _ in cids])
+        p = self.params
+        if self.sim is None:
+            self._update_similarity()
+        assert self.sim is not None
+        s = self.sim[np.ix_(list(cids), held)]
+        s = np.where(np.isnan(s), p.unknown_similarity, s)
+        phi = np.exp(s / p.tau)
+        if p.size_weighting:
+            phi = phi * np.asarray([self.sizes.get(j, 1) for j in held], dtype=np.float64)[None, :]
+        for r, c in enumerate(cids):
+            if p.top_k and p.top_k < len(held):
+                cut = np.sort(phi[r])[-p.top_k]
+                phi[r] = np.where(phi[r] >= cut, phi[r], 0.0)
+            if p.self_weight and c in held:
+                phi[r, held.index(c)] += p.self_weight * phi[r].sum()
+        phi = phi / phi.sum(axis=1, keepdims=True)
+        return kernels.weighted_aggregate(phi, [self.bodies[j] for j in held])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "chosen_layer": self.chosen,
+            "selection_rounds": self.phase1,
+            "round_layers": self.round_modes,
+            "vote_counts": dict(self.vote_totals),
+            "client_votes": {str(c): v for c, v in sorted(self.client_votes.items())},
+            "body_mode": self.params.body_mode,
+        }
+
+
+class FedCMDClient(ClientStrategy):
+    name = "fedcmd"
+    Params = FedCMDParams
+
+    def __init__(self, params: FedCMDParams, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        self.params: FedCMDParams = params
+        self.votes: Counter[str] = Counter()
+        self.num_classes = 0
+
+    def batch_hook(self, task: Task):
+        candidates: list[str] | None = task.config.get("vote")
+        if not candidates:
+            return None
+        names = [n for n, _ in self.ctx.model.named_children()]
+        index = [names.index(c) for c in candidates]
+        num_classes = int(self.ctx.spec.initial[_classifier_weight(self.ctx.spec.initial)].shape[0])
+        metric, embedding = self.params.selection_metric, self.params.embedding
+
+        def hook(x: torch.Tensor, y: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+            onehot = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
+            d = layer_distances(x, onehot, outputs, index, metric, embedding)
+            self.votes[candidates[int(np.argmin(d))]] += 1
+
+        return hook
+
+    def local_train(self, task: Task, generator: torch.Generator) -> None:
+        self.votes = Counter()
+        personal = task.config.get("personal", [])
+        before = model_arrays(self.ctx.model, personal) if personal else {}
+        task.config.setdefault("hook_every", self.params.vote_every)
+        super().local_train(task, generator)
+        self._personal_before = before
+
+    def upload(self, task: Task, received: Arrays) -> tuple[Arrays, dict[str, Any]]:
+        arrays, info = super().upload(task, received)
+        before = getattr(self, "_personal_before", {})
+        after = model_arrays(self.ctx.model, list(before))
+        # Only the update of the personal layer leaves the device, never the layer itself.
+        arrays.update({DELTA + k: after[k] - before[k] for k in before})
+        if task.config.get("vote"):
+            info["votes"] = dict(self.votes)
+        return arrays, info
+
+
+def _classifier_weight(initial: Arrays) -> str:
+    keys = [k for k in initial if k.endswith("weight") and np.asarray(initial[k]).ndim == 2]
+    return keys[-1]
