@@ -28,7 +28,12 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     with torch.no_grad():
         for key, value in arrays.items():
             target = state[key]
-            target.copy_(torch.from_numpy(np.asarray(value)).to(target.dtype))
+            value = np.asarray(value)
+            if value.shape != tuple(target.shape):
+                if value.size != target.numel():
+                    raise ValueError(f"{key}: shape {value.shape} does not fit {tuple(target.shape)}")
+                value = value.reshape(tuple(target.shape))  # 0-d scalars may travel as [1]
+            target.copy_(torch.from_numpy(value).to(target.dtype))
 
 
 def copy_arrays(arrays: Mapping[str, np.ndarray]) -> Arrays:

@@ -146,8 +146,8 @@ class ServerStrategy(ABC):
         """Aggregate the round's updates; return JSON-able facts to log about the round."""
         updates = [self.pending[c] for c in cids if c in self.pending]
         self.pending.clear()
-        if updates:
-            keys = list(updates[0].arrays)
+        keys = list(updates[0].arrays) if updates else []
+        if keys:
             self.global_arrays.update(
                 weighted_average([u.arrays for u in updates], [max(u.num_samples, 1) for u in updates], keys)
             )

@@ -146,6 +146,7 @@ class FedCMDServer(ServerStrategy):
             self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
         self._update_similarity()
         self.pending.clear()
+        self._round_bodies = {}
         if self.relay_body is not None:
             self.global_arrays.update(unflatten(self.relay_body, self.global_arrays, self.body_keys))
         return facts

@@ -1,0 +1,256 @@
+"""The ``fedcmd`` command line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cloud.config import ConfigError, load_config_file, resolve
+
+app = typer.Typer(
+    help="fedcmd: personalized federated learning (FedCMD and baselines) for edge fleets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _mount_subcommands() -> None:
+    from cloud.cli_data import data_app
+
+    app.add_typer(data_app, name="data", help="Partition datasets among clients and inspect partitions.")
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _parse_hp(values: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values or []:
+        if "=" not in item:
+            fail(f"--hp expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw  # a bare word: a string value such as body_mode=relay
+    return out
+
+
+@app.command()
+def simulate(
+    algo: Optional[str] = typer.Option(None, "--algo", "--algorithm", help="local, fedavg, fedper, pfedsim, fedcmd"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="mnist5k, digits, synthetic, mnist, ..."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="lenet5, 2nn, avgcnn, mobile, res18"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seeds sampling, initialisation, shuffling"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file; command-line options override it"),
+    partition: Optional[Path] = typer.Option(
+        None, "--partition", "-p", help="partition .npz (ours or any npz of train_<c>/test_<c> index arrays)"
+    ),
+    client_num: Optional[int] = typer.Option(None, "--client-num", "--client_num", "-cn", help="clients"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", "-a", help="Dirichlet alpha when partitioning here"),
+    least_samples: Optional[int] = typer.Option(None, "--least-samples", "--least_samples", "-ls"),
+    root: Optional[Path] = typer.Option(None, "--root", help="folder holding torchvision-format datasets"),
+    join_ratio: Optional[float] = typer.Option(None, "--join-ratio", "--join_ratio", "-jr", help="clients/round"),
+    global_epoch: Optional[int] = typer.Option(None, "--global-epoch", "--global_epoch", "-ge", help="rounds"),
+    local_epoch: Optional[int] = typer.Option(None, "--local-epoch", "--local_epoch", "-le"),
+    finetune_epoch: Optional[int] = typer.Option(None, "--finetune-epoch", "--finetune_epoch", "-fe"),
+    test_gap: Optional[int] = typer.Option(None, "--test-gap", "--test_gap", "-tg", help="evaluate all clients"),
+    eval_test: Optional[int] = typer.Option(None, "--eval-test", "--eval_test", "-ee"),
+    eval_train: Optional[int] = typer.Option(None, "--eval-train", "--eval_train", "-er"),
+    local_lr: Optional[float] = typer.Option(None, "--local-lr", "--local_lr", "-lr"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", "-mom"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", "--weight_decay", "-wd"),
+    verbose_gap: Optional[int] = typer.Option(None, "--verbose-gap", "--verbose_gap", "-vg", help="table every N"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "--batch_size", "-bs"),
+    use_cuda: Optional[int] = typer.Option(None, "--use-cuda", "--use_cuda", help="1: use a GPU if present"),
+    global_testset: Optional[int] = typer.Option(None, "--global-testset", "--global_testset"),
+    straggler_ratio: Optional[float] = typer.Option(None, "--straggler-ratio", "--straggler_ratio"),
+    straggler_min_local_epoch: Optional[int] = typer.Option(
+        None, "--straggler-min-local-epoch", "--straggler_min_local_epoch"
+    ),
+    external_model_params_file: Optional[Path] = typer.Option(
+        None, "--external-model-params-file", "--external_model_params_file", help="initial weights (.safetensors)"
+    ),
+    save_log: Optional[int] = typer.Option(None, "--save-log", "--save_log"),
+    save_model: Optional[int] = typer.Option(None, "--save-model", "--save_model"),
+    save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
+    save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+    hp: Optional[list[str]] = typer.Option(
+        None, "--hp", help="algorithm hyper-parameter KEY=VALUE, repeatable (e.g. --hp body_mode=relay)"
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<algo>/<dataset>/<time>)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or round tables"),
+) -> None:
+    """Run coordinator + all clients in one process over the in-memory transport."""
+    from cloud import run_output
+    from cloud.simulate import build_and_run
+    from fedcmd_core.data import DataError
+
+    cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
+    for flag in (
+        "eval_test", "eval_train", "use_cuda", "global_testset", "save_log", "save_model", "save_fig", "save_metrics"
+    ):
+        if cli_values[flag] is not None:
+            cli_values[flag] = bool(cli_values[flag])
+    cli_values["hp"] = _parse_hp(hp)
+    try:
+        file_values = load_config_file(config) if config else {}
+        cfg = resolve(file_values, cli_values)
+        target = cfg.out or run_output.default_out(cfg)
+        run_output.check_out(target, force)
+    except ConfigError as e:
+        fail(str(e))
+        return
+
+    log_buffer = io.StringIO()
+    _setup_logging(log_buffer, quiet)
+    progress = Progress(
+        TextColumn("[bold cyan]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    )
+    state: dict[str, Any] = {}
+
+    def on_start(total: int) -> None:
+        state["task"] = progress.add_task(f"{cfg.algo} on {cfg.dataset}", total=total, status="")
+
+    def on_round(record: Any) -> None:
+        acc = record.metrics.get("test_before_acc")
+        status = f"round {record.round + 1}: acc {acc:.2f}%" if acc is not None else ""
+        progress.update(state["task"], advance=1, status=status)
+        logging.getLogger("fedcmd.rounds").info(
+            "round %d (%s): %s", record.round + 1, record.phase,
+            " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items())),
+        )
+        state.setdefault("rows", []).append(record)
+        if not quiet and (record.round + 1) % cfg.verbose_gap == 0:
+            progress.console.print(_round_table(state["rows"][-cfg.verbose_gap :]))
+
+    try:
+        with progress, run_output.staged(target, force) as folder:
+            result = build_and_run(cfg, on_round=on_round, on_start=on_start)
+            run_output.write_run(result, folder, log_buffer.getvalue())
+    except (ConfigError, DataError) as e:
+        fail(str(e))
+        return
+    except KeyboardInterrupt:
+        fail("interrupted; no run folder was written")
+        return
+    summ = run_output.summary(result)
+    console.print(_summary_table(summ, target))
+
+
+def _setup_logging(buffer: io.StringIO, quiet: bool) -> None:
+    root = logging.getLogger("fedcmd")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    file_handler = logging.StreamHandler(buffer)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(file_handler)
+    screen = RichHandler(console=err_console, show_path=False, level=logging.WARNING)
+    root.addHandler(screen)
+    root.propagate = False
+
+
+def _round_table(records: list[Any]) -> Table:
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    for col in ("round", "phase", "acc before", "acc after", "loss before", "down KiB", "up KiB", "s"):
+        table.add_column(col, justify="right")
+    for r in records:
+        m = r.metrics
+        table.add_row(
+            str(r.round + 1),
+            r.phase,
+            f"{m.get('test_before_acc', float('nan')):.2f}",
+            f"{m.get('test_after_acc', float('nan')):.2f}",
+            f"{m.get('test_before_loss', float('nan')):.4f}",
+            f"{r.bytes_down / 1024:.0f}",
+            f"{r.bytes_up / 1024:.0f}",
+            f"{r.seconds:.2f}",
+        )
+    return table
+
+
+def _summary_table(s: dict[str, Any], folder: Path) -> Table:
+    table = Table(title=f"{s['algo']} on {s['dataset']} ({s['clients']} clients, {s['rounds']} rounds)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("paper metric: last-10-round mean of test_before (%)", f"{s['paper_metric']:.2f}")
+    if s.get("final_personalized_acc") is not None:
+        table.add_row("final personalized accuracy, all clients (%)", f"{s['final_personalized_acc']:.2f}")
+    strat = s.get("strategy", {})
+    if strat.get("chosen_layer"):
+        table.add_row("chosen personal layer", str(strat["chosen_layer"]))
+        table.add_row("layer votes", ", ".join(f"{k}:{v}" for k, v in strat.get("vote_counts", {}).items()))
+    table.add_row("MiB down / up", f"{s['bytes_down'] / 2**20:.1f} / {s['bytes_up'] / 2**20:.1f}")
+    table.add_row("seconds (per round)", f"{s['seconds']:.1f} ({s['seconds_per_round']:.3f})")
+    table.add_row("run folder", str(folder))
+    return table
+
+
+@app.command()
+def compare(runs: list[Path] = typer.Argument(..., help="run folders written by `fedcmd simulate`")) -> None:
+    """Print several runs side by side (paper metric, final personalized accuracy, cost)."""
+    table = Table(title="runs side by side")
+    for col in ("run", "algo", "paper metric %", "final all-client %", "layer", "MiB down/up", "s"):
+        table.add_column(col, justify="right" if col not in ("run", "algo") else "left")
+    for folder in runs:
+        path = folder / "summary.json"
+        if not path.is_file():
+            fail(f"{folder} is not a run folder (no summary.json)")
+        try:
+            s = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            fail(f"{path} is not valid JSON: {e}")
+            return
+        final = s.get("final_personalized_acc")
+        table.add_row(
+            str(folder),
+            s.get("algo", "?"),
+            f"{s.get('paper_metric', float('nan')):.2f}",
+            "-" if final is None else f"{final:.2f}",
+            str(s.get("strategy", {}).get("chosen_layer") or "-"),
+            f"{s.get('bytes_down', 0) / 2**20:.1f}/{s.get('bytes_up', 0) / 2**20:.1f}",
+            f"{s.get('seconds', 0):.1f}",
+        )
+    console.print(table)
+
+
+try:
+    _mount_subcommands()
+except ImportError:  # pragma: no cover
+    pass
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

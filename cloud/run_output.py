@@ -1,0 +1,140 @@
+"""Writing a run folder: resolved config, metrics.csv, summary.json, accuracy.png, model.safetensors.
+
+Everything is written into a hidden temporary folder beside the destination and renamed into place
+at the end, so a failed or interrupted run never leaves a half-written run folder behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud.config import ConfigError, RunConfig
+from cloud.simulate import SimulationResult
+
+METRIC_COLUMNS = [
+    "test_before_acc",
+    "test_before_loss",
+    "test_after_acc",
+    "test_after_loss",
+    "train_before_acc",
+    "train_before_loss",
+    "train_after_acc",
+    "train_after_loss",
+    "all_test_before_acc",
+    "all_test_after_acc",
+]
+
+
+def default_out(cfg: RunConfig) -> Path:
+    return Path("runs") / cfg.algo / cfg.dataset / time.strftime("%Y%m%d-%H%M%S")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite a non-empty folder unless asked; done before any work starts."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"output folder {out} already exists and is not empty; pass --force or choose --out")
+
+
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder that becomes ``out`` only if the block finishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force and (not out.is_dir() or any(out.iterdir())):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"output folder {out} appeared during the run; results not written")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def summary(result: SimulationResult) -> dict[str, Any]:
+    cfg = result.config
+    rounds = result.records
+    return {
+        "algo": cfg.algo,
+        "dataset": cfg.dataset,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "clients": result.partition.num_clients,
+        "rounds": len(rounds),
+        "paper_metric": result.paper_metric(),
+        "paper_metric_definition": "mean over the last 10 rounds of the pooled test accuracy (%) of that "
+        "round's clients before local training",
+        "final_personalized_acc": result.final.get("test_before_acc"),
+        "final_personalized_loss": result.final.get("test_before_loss"),
+        "final_finetuned_acc": result.final.get("test_after_acc"),
+        "bytes_down": int(sum(r.bytes_down for r in rounds)),
+        "bytes_up": int(sum(r.bytes_up for r in rounds)),
+        "seconds": result.seconds,
+        "seconds_per_round": float(np.mean([r.seconds for r in rounds])) if rounds else 0.0,
+        "rejected_updates": result.rejected,
+        "strategy": result.strategy_summary,
+    }
+
+
+def write_run(result: SimulationResult, folder: Path, log_text: str) -> None:
+    cfg = result.config
+    (folder / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
+    if cfg.save_metrics:
+        _write_metrics(result, folder / "metrics.csv")
+    if cfg.save_log:
+        (folder / "run.log").write_text(log_text)
+    if cfg.save_fig:
+        _plot(result, folder / "accuracy.png")
+    if cfg.save_model:
+        from safetensors.numpy import save_file
+
+        arrays = {k: np.ascontiguousarray(v) for k, v in result.global_arrays.items()}
+        save_file(arrays, str(folder / "model.safetensors"), metadata={"algo": cfg.algo, "dataset": cfg.dataset})
+
+
+def _write_metrics(result: SimulationResult, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["round", "phase", "clients", *METRIC_COLUMNS, "bytes_down", "bytes_up", "seconds"])
+        for r in result.records:
+            values = [_fmt(r.metrics.get(c)) for c in METRIC_COLUMNS]
+            clients = " ".join(str(c) for c in r.clients)
+            w.writerow([r.round + 1, r.phase, clients, *values, r.bytes_down, r.bytes_up, f"{r.seconds:.4f}"])
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def _plot(result: SimulationResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round + 1 for r in result.records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("test_before_acc", "before local training"), ("test_after_acc", "after local training")):
+        ys = [r.metrics.get(key, np.nan) for r in result.records]
+        ax.plot(rounds, ys, label=label)
+    cfg = result.config
+    ax.set(xlabel="round", ylabel="pooled test accuracy (%)", title=f"{cfg.algo} on {cfg.dataset}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

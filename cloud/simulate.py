@@ -1,0 +1,199 @@
+"""``fedcmd simulate``: the coordinator and every client's agent in one process, over the in-memory
+transport, through exactly the interfaces a real fleet uses."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud.config import ConfigError, RunConfig
+from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
+from edge_agent.agent import Agent
+from fedcmd_core.data import DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
+from fedcmd_core.models import build_model, model_name
+from fedcmd_core.params import load_arrays, model_arrays
+from fedcmd_core.strategies import ClientContext, ClientData, ModelSpec, ServerContext, algorithm, parse_params
+from fedcmd_core.training import TrainConfig
+from protocols.memory import MemoryTransport
+
+log = logging.getLogger("fedcmd.simulate")
+FLEET = "sim"
+
+
+@dataclass
+class SimulationResult:
+    config: RunConfig
+    records: list[RoundRecord]
+    final: dict[str, float]
+    strategy_summary: dict[str, Any]
+    partition: Partition
+    seconds: float
+    rejected: dict[str, int] = field(default_factory=dict)
+    global_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def paper_metric(self, last: int = 10) -> float:
+        """Mean over the last ``last`` rounds of the pooled test accuracy before local training."""
+        values = [r.metrics["test_before_acc"] for r in self.records[-last:] if "test_before_acc" in r.metrics]
+        return float(np.mean(values)) if values else float("nan")
+
+
+def load_data(cfg: RunConfig) -> tuple[Dataset, Partition]:
+    options: dict[str, Any] = {}
+    if cfg.dataset == "synthetic":
+        options = {"client_num": cfg.client_num, "seed": cfg.seed}
+    dataset = load_dataset(cfg.dataset, root=cfg.root, download=cfg.download, **options)
+    if cfg.partition is not None:
+        if not cfg.partition.is_file():
+            raise DataError(f"partition file {cfg.partition} does not exist; make one with `fedcmd data partition`")
+        return dataset, Partition.load(cfg.partition, dataset)
+    args = PartitionArgs(
+        client_num=cfg.client_num,
+        iid=cfg.iid,
+        alpha=cfg.alpha,
+        classes=cfg.classes,
+        shards=cfg.shards,
+        least_samples=cfg.least_samples,
+        split=cfg.split,
+        fraction=cfg.fraction,
+        seed=cfg.seed,
+    )
+    return dataset, make_partition(dataset, args)
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if cfg.use_cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    if cfg.use_cuda:
+        log.warning("use_cuda is set but no CUDA device is available: running on the CPU")
+    return torch.device("cpu")
+
+
+def _initial_model(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
+    try:
+        name = model_name(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(dataset.input_shape) == 1 and name not in ("2nn",):
+        raise ConfigError(f"model {cfg.model!r} needs image inputs; dataset {cfg.dataset!r} has vectors: use -m 2nn")
+    try:
+        model = build_model(name, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    except RuntimeError as e:
+        raise ConfigError(f"model {cfg.model!r} does not fit inputs {dataset.input_shape}: {e}") from None
+    if cfg.external_model_params_file is not None:
+        _load_external(model, cfg.external_model_params_file)
+    return model
+
+
+def _load_external(model: torch.nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{path}: only .safetensors parameter files are read (never pickled .pt files)")
+    if not path.is_file():
+        raise ConfigError(f"external model parameter file {path} does not exist")
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable safetensors file: {e}") from None
+    state = model.state_dict()
+    bad = [k for k, v in arrays.items() if k not in state or tuple(state[k].shape) != v.shape]
+    if bad:
+        raise ConfigError(f"{path}: {len(bad)} entries do not match the model (first: {bad[0]!r})")
+    load_arrays(model, arrays)
+
+
+def _client_data(dataset: Dataset, partition: Partition, cid: int, device: torch.device) -> ClientData:
+    tr = torch.from_numpy(partition.train[cid]).long()
+    te = torch.from_numpy(partition.test[cid]).long()
+    return ClientData(
+        dataset.x[tr].to(device), dataset.y[tr].to(device), dataset.x[te].to(device), dataset.y[te].to(device)
+    )
+
+
+def build_and_run(
+    cfg: RunConfig,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> SimulationResult:
+    """Run a whole simulation; raises ConfigError / DataError for user mistakes before any work."""
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    server_cls, client_cls = algorithm(cfg.algo)
+    try:
+        hp = parse_params(cfg.algo, cfg.hp)
+    except ValueError as e:  # pydantic ValidationError is a ValueError
+        raise ConfigError(f"bad hyper-parameter for {cfg.algo}: {_first_error(e)}") from None
+    dataset, partition = load_data(cfg)
+    device = _device(cfg)
+    model = _initial_model(cfg, dataset).to(device)
+    spec = ModelSpec.from_model(model)
+    num_clients = partition.num_clients
+    try:
+        server = server_cls(hp, ServerContext(spec, num_clients, cfg.global_epoch, cfg.seed))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    transport = MemoryTransport()
+    train_cfg = TrainConfig(cfg.local_epoch, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.weight_decay)
+    global_test = None
+    if cfg.global_testset:
+        everyone = torch.from_numpy(np.concatenate(partition.test)).long()
+        x, y = dataset.x[everyone].to(device), dataset.y[everyone].to(device)
+        global_test = ClientData(x[:0], y[:0], x, y)
+    agents = []
+    for cid in range(num_clients):
+        ctx = ClientContext(
+            model=model,
+            spec=spec,
+            data=_client_data(dataset, partition, cid, device),
+            train=train_cfg,
+            seed=cfg.seed,
+            client_id=cid,
+            eval_train=cfg.eval_train,
+            finetune_epoch=cfg.finetune_epoch,
+            eval_data=global_test,
+        )
+        agents.append(Agent(transport, FLEET, cid, client_cls(hp, ctx)))
+
+    settings = RoundSettings(
+        num_clients=num_clients,
+        global_epoch=cfg.global_epoch,
+        join_ratio=cfg.join_ratio,
+        seed=cfg.seed,
+        local_epoch=cfg.local_epoch,
+        straggler_ratio=cfg.straggler_ratio,
+        straggler_min_local_epoch=cfg.straggler_min_local_epoch,
+        test_gap=cfg.test_gap,
+    )
+    coordinator = Coordinator(transport, server, FLEET, settings)
+    if on_start is not None:
+        on_start(cfg.global_epoch)
+    records = coordinator.run(on_round)
+    final = coordinator.evaluate_all(cfg.global_epoch - 1)
+    return SimulationResult(
+        config=cfg,
+        records=records,
+        final=final,
+        strategy_summary=server.summary(),
+        partition=partition,
+        seconds=time.perf_counter() - started,
+        rejected=dict(coordinator.rejected),
+        global_arrays=server.global_arrays if cfg.save_model else model_arrays(model, []),
+    )
+
+
+def _first_error(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        err = errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}"
+    return str(e)

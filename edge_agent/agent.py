@@ -1,0 +1,52 @@
+"""The edge agent: answers tasks from the coordinator with its client-side strategy.
+
+It talks only through a :class:`protocols.transport.Transport`, so the same class serves the
+in-process simulation and a device on an MQTT broker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedcmd_core.strategies import ClientStrategy, Task, Update
+from protocols.codec import DecodeError, Header, decode, encode
+from protocols.topics import task_topic, update_topic
+from protocols.transport import Transport
+
+log = logging.getLogger("fedcmd.agent")
+
+
+class Agent:
+    def __init__(self, transport: Transport, fleet: str, client_id: int, strategy: ClientStrategy) -> None:
+        self.transport = transport
+        self.fleet = fleet
+        self.client_id = client_id
+        self.strategy = strategy
+        self.tasks_done = 0
+        transport.subscribe(task_topic(fleet, client_id), self._on_task)
+
+    def _on_task(self, topic: str, payload: bytes) -> None:
+        try:
+            header, arrays = decode(payload)
+        except DecodeError as e:
+            log.warning("client %d: rejected task frame: %s", self.client_id, e)
+            return
+        if header.type != "task" or header.fleet != self.fleet or header.client != self.client_id:
+            log.warning("client %d: rejected task meant for %s/%s", self.client_id, header.fleet, header.client)
+            return
+        task = Task(header.round, "evaluate" if header.kind == "evaluate" else "fit", arrays, header.payload)
+        update = self.strategy.evaluate(task) if task.kind == "evaluate" else self.strategy.fit(task)
+        self.tasks_done += 1
+        self.transport.publish(update_topic(self.fleet, self.client_id), self.encode_update(task, update))
+
+    def encode_update(self, task: Task, update: Update) -> bytes:
+        header = Header(
+            type="update",
+            fleet=self.fleet,
+            round=update.round,
+            client=self.client_id,
+            kind=task.kind,
+            num_samples=update.num_samples,
+            payload={"metrics": update.metrics, "info": update.info},
+        )
+        return encode(header, update.arrays)

@@ -1,0 +1,26 @@
+"""The transport interface the coordinator and agents use, and nothing else: so one round loop serves
+the in-process simulation and a real MQTT fleet."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+Handler = Callable[[str, bytes], None]
+
+
+class Transport(ABC):
+    @abstractmethod
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Send ``payload`` to every subscriber of ``topic`` (at least once)."""
+
+    @abstractmethod
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Call ``handler(topic, payload)`` for each message matching ``topic_filter``."""
+
+    @abstractmethod
+    def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Deliver messages until ``done()`` is true or ``timeout`` seconds pass; returns ``done()``."""
+
+    def close(self) -> None:
+        """Release connections."""
