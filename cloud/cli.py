@@ -99,11 +99,11 @@ def simulate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or round tables"),
 ) -> None:
     """Run coordinator + all clients in one process over the in-memory transport."""
+    cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
     from cloud import run_output
     from cloud.simulate import build_and_run
     from fedcmd_core.data import DataError
 
-    cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
     for flag in (
         "eval_test", "eval_train", "use_cuda", "global_testset", "save_log", "save_model", "save_fig", "save_metrics"
     ):

@@ -19,7 +19,14 @@ from edge_agent.agent import Agent
 from fedcmd_core.data import DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
 from fedcmd_core.models import build_model, model_name
 from fedcmd_core.params import load_arrays, model_arrays
-from fedcmd_core.strategies import ClientContext, ClientData, ModelSpec, ServerContext, algorithm, parse_params
+from fedcmd_core.strategies import (
+    ClientContext,
+    ClientData,
+    ModelSpec,
+    ServerContext,
+    algorithm,
+    parse_params,
+)
 from fedcmd_core.training import TrainConfig
 from protocols.memory import MemoryTransport
 
@@ -122,6 +129,7 @@ def build_and_run(
     cfg: RunConfig,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    transport: MemoryTransport | None = None,
 ) -> SimulationResult:
     """Run a whole simulation; raises ConfigError / DataError for user mistakes before any work."""
     started = time.perf_counter()
@@ -141,7 +149,7 @@ def build_and_run(
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    transport = MemoryTransport()
+    transport = transport or MemoryTransport()
     train_cfg = TrainConfig(cfg.local_epoch, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.weight_decay)
     global_test = None
     if cfg.global_testset:

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def shared_partition() -> Path:
+    path = SHARED_DATA / "mnist5k-d01-s42.npz"
+    if not path.is_file():
+        pytest.skip(f"shared partitions not present at {SHARED_DATA}")
+    return path
