@@ -39,6 +39,10 @@ class FedCMDParams(HyperParams):
     top_k: int = Field(0, ge=0, description="weighted mode: keep only the k most similar bodies (0: all)")
     size_weighting: bool = Field(False, description="weighted mode: multiply Phi_ij by n_j")
     self_weight: float = Field(0.0, ge=0, description="weighted mode: extra weight on one's own body")
+    max_staleness: int = Field(0, ge=0, description="weighted mode: only bodies from the last k rounds (0: all)")
+    server_lr: float = Field(
+        1.0, gt=0, description="weighted mode: step on the mixed body update; 1 is the paper's plain mixing"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FedCMDParams:
@@ -78,6 +82,8 @@ class FedCMDServer(ServerStrategy):
         self.body_keys: list[str] = []
         self.personal_keys: list[str] = []
         self.bodies: dict[int, np.ndarray] = {}  # detached flattened trainable state per client
+        self.body_round: dict[int, int] = {}  # the round each stored body comes from
+        self.sent: dict[int, np.ndarray] = {}  # the body each client last started from (for server_lr)
         self.deltas: dict[int, dict[str, np.ndarray]] = {}  # personal-candidate updates per client
         self.sizes: dict[int, int] = {}
         self.sim: np.ndarray | None = None
@@ -111,6 +117,7 @@ class FedCMDServer(ServerStrategy):
             body = self._round_bodies.get(cid)
             if body is None:
                 body = self._weighted_bodies([cid])[0]
+        self.sent[cid] = body
         arrays = unflatten(body, self.global_arrays, self.body_keys)
         return Task(rnd, "fit", arrays, {"upload": self.body_keys, "personal": self.personal_keys})
 
@@ -129,6 +136,8 @@ class FedCMDServer(ServerStrategy):
             for c in done:
                 arrays = self.pending[c].arrays
                 self.bodies[c] = flatten(arrays, self.trainable)
+                self.body_round[c] = rnd
+                self.sent[c] = flatten(self.global_arrays, self.trainable)
                 # Phase-1 devices trained from the global model: their update is trained - global.
                 self.deltas[c] = {k: arrays[k] - self.global_arrays[k] for k in candidate_keys if k in arrays}
             votes = [self.pending[c].info.get("votes", {}) for c in done]
@@ -143,6 +152,7 @@ class FedCMDServer(ServerStrategy):
         for c in done:
             arrays = self.pending[c].arrays
             self.bodies[c] = flatten(arrays, self.body_keys)
+            self.body_round[c] = rnd
             self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
         self._update_similarity()
         self.pending.clear()
@@ -160,6 +170,7 @@ class FedCMDServer(ServerStrategy):
         self.body_keys = [k for k in self.trainable if k not in personal]
         # Stored phase-1 models become bodies; their chosen-layer updates seed the similarities.
         self.bodies = {c: self._body_from_full(v) for c, v in self.bodies.items()}
+        self.sent = {c: self._body_from_full(v) for c, v in self.sent.items()}
         self.relay_body = flatten(self.global_arrays, self.body_keys)
         self._update_similarity()
 
@@ -192,6 +203,9 @@ class FedCMDServer(ServerStrategy):
 
     def _weighted_bodies(self, cids: Sequence[int]) -> np.ndarray:
         held = sorted(self.bodies)
+        if self.params.max_staleness and held:
+            newest = max(self.body_round[c] for c in held)
+            held = [c for c in held if newest - self.body_round[c] < self.params.max_staleness]
         if not held:
             start = flatten(self.global_arrays, self.body_keys)
             return np.stack([start for _ in cids])
@@ -211,7 +225,12 @@ class FedCMDServer(ServerStrategy):
             if p.self_weight and c in held:
                 phi[r, held.index(c)] += p.self_weight * phi[r].sum()
         phi = phi / phi.sum(axis=1, keepdims=True)
-        return kernels.weighted_aggregate(phi, [self.bodies[j] for j in held])
+        mixed = kernels.weighted_aggregate(phi, [self.bodies[j] for j in held])
+        if p.server_lr != 1.0:
+            # Step further along the mixed update: body + lr * sum_j Phi_ij (theta_j - start_j).
+            steps = kernels.weighted_aggregate(phi, [self.bodies[j] - self.sent[j] for j in held])
+            mixed = mixed + (p.server_lr - 1.0) * steps
+        return mixed
 
     def summary(self) -> dict[str, Any]:
         return {
