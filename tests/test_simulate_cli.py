@@ -103,6 +103,8 @@ def _bad(args: list[str], tmp_path: Path, needle: str) -> None:
         (["-d", "mnist5k", "-cn", "100", "-ls", "60"], "least_samples"),
         (["--partition", "/nonexistent/p.npz"], "does not exist"),
         (["--external_model_params_file", "/tmp/weights.pt"], "safetensors"),
+        (["-d", "cifar10", "--root", "/nonexistent/root"], "/nonexistent/root"),
+        (["-d", "synthetic"], "-m 2nn"),
     ],
 )
 def test_user_mistakes_get_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path) -> None:

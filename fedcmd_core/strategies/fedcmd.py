@@ -111,15 +111,22 @@ class FedCMDServer(ServerStrategy):
         if rnd < self.phase1:
             cfg = {"upload": self.trainable, "vote": self.candidates}
             return Task(rnd, "fit", {k: self.global_arrays[k] for k in self.trainable}, cfg)
-        if self.params.body_mode == "relay":
-            body = self.relay_body
-        else:
-            body = self._round_bodies.get(cid)
-            if body is None:
-                body = self._weighted_bodies([cid])[0]
-        self.sent[cid] = body
+        body = self._body_for(cid)
+        self.sent[cid] = body  # what this device starts from: server_lr steps along theta - start
         arrays = unflatten(body, self.global_arrays, self.body_keys)
         return Task(rnd, "fit", arrays, {"upload": self.body_keys, "personal": self.personal_keys})
+
+    def configure_evaluate(self, rnd: int, cid: int) -> Task:
+        if rnd < self.phase1:
+            return Task(rnd, "evaluate", {k: self.global_arrays[k] for k in self.trainable}, {})
+        return Task(rnd, "evaluate", unflatten(self._body_for(cid), self.global_arrays, self.body_keys), {})
+
+    def _body_for(self, cid: int) -> np.ndarray:
+        if self.params.body_mode == "relay":
+            assert self.relay_body is not None
+            return self.relay_body
+        body = self._round_bodies.get(cid)
+        return self._weighted_bodies([cid])[0] if body is None else body
 
     def on_update(self, rnd: int, cid: int, update: Any) -> None:
         super().on_update(rnd, cid, update)
