@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -115,6 +114,8 @@ def _stem_for(input_shape: tuple[int, ...], conv: nn.Conv2d) -> nn.Conv2d:
 
 def mobilenet_v2(input_shape: tuple[int, ...], num_classes: int) -> LayeredModel:
     """torchvision MobileNetV2 (random init), split into stem, four feature stages, pool, classifier."""
+    import torchvision  # lazily: importing it costs ~180 MB and seconds that LeNet runs do not need
+
     net = torchvision.models.mobilenet_v2(weights=None)
     feats = list(net.features)
     feats[0][0] = _stem_for(input_shape, feats[0][0])
@@ -133,6 +134,8 @@ def mobilenet_v2(input_shape: tuple[int, ...], num_classes: int) -> LayeredModel
 
 def resnet18(input_shape: tuple[int, ...], num_classes: int) -> LayeredModel:
     """torchvision ResNet-18 (random init), split into stem, its four residual stages, pool, classifier."""
+    import torchvision
+
     net = torchvision.models.resnet18(weights=None)
     return LayeredModel(
         [

@@ -60,13 +60,27 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
 
 
-def parse_uint_csv(raw: bytes, columns: int) -> np.ndarray:
-    """A CSV of non-negative integers (',' and newline separated) as an int64 [rows, columns] array."""
-    b = np.frombuffer(raw.rstrip(b"\n"), dtype=np.uint8)
+def parse_uint_csv(raw: bytes, columns: int, chunk_bytes: int = 1 << 20) -> np.ndarray:
+    """A CSV of non-negative integers (',' and newline separated) as an int64 [rows, columns] array.
+
+    Parsed in chunks of whole lines so that the temporaries stay a few MB (the whole file at once
+    would need ~30 bytes of index arrays per input byte)."""
+    raw = raw.rstrip(b"\n")
+    rows: list[np.ndarray] = []
+    start = 0
+    while start < len(raw):
+        stop = raw.find(b"\n", start + chunk_bytes)
+        stop = len(raw) if stop < 0 else stop
+        rows.append(_parse_uint_lines(np.frombuffer(raw, dtype=np.uint8, count=stop - start, offset=start), columns))
+        start = stop + 1
+    return np.concatenate(rows) if rows else np.zeros((0, columns), dtype=np.int64)
+
+
+def _parse_uint_lines(b: np.ndarray, columns: int) -> np.ndarray:
     sep = (b == ord(",")) | (b == ord("\n"))
     if np.any(~sep & ((b < ord("0")) | (b > ord("9")))):
         raise ValueError("not a CSV of non-negative integers")
-    token = np.cumsum(sep)  # token index of every byte
+    token = np.cumsum(sep, dtype=np.int32)  # token index of every byte
     digits = np.flatnonzero(~sep)
     ends = np.flatnonzero(np.append(sep, True))  # the separator closing each token
     power = ends[token[digits]] - digits - 1  # digits after this one in its token
