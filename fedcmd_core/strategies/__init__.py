@@ -15,9 +15,18 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
+from fedcmd_core.strategies.fedap import FedAPClient, FedAPServer
 from fedcmd_core.strategies.fedavg import FedAvgClient, FedAvgServer
+from fedcmd_core.strategies.fedbabu import FedBABUClient, FedBABUServer
+from fedcmd_core.strategies.fedbn import FedBNClient, FedBNServer
 from fedcmd_core.strategies.fedcmd import FedCMDClient, FedCMDServer
+from fedcmd_core.strategies.fedcmd_noweight import FedCMDNoWeightClient, FedCMDNoWeightServer
+from fedcmd_core.strategies.feddyn import FedDynClient, FedDynServer
+from fedcmd_core.strategies.fedfomo import FedFomoClient, FedFomoServer
 from fedcmd_core.strategies.fedper import FedPerClient, FedPerServer
+from fedcmd_core.strategies.fedprox import FedProxClient, FedProxServer
+from fedcmd_core.strategies.fedrep import FedRepClient, FedRepServer
+from fedcmd_core.strategies.lgfedavg import LGFedAvgClient, LGFedAvgServer
 from fedcmd_core.strategies.local_only import LocalOnlyClient, LocalOnlyServer
 from fedcmd_core.strategies.pfedsim import PFedSimClient, PFedSimServer
 
@@ -27,6 +36,15 @@ ALGORITHMS: dict[str, tuple[type[ServerStrategy], type[ClientStrategy]]] = {
     "fedper": (FedPerServer, FedPerClient),
     "pfedsim": (PFedSimServer, PFedSimClient),
     "fedcmd": (FedCMDServer, FedCMDClient),
+    "fedprox": (FedProxServer, FedProxClient),
+    "feddyn": (FedDynServer, FedDynClient),
+    "fedbn": (FedBNServer, FedBNClient),
+    "fedap": (FedAPServer, FedAPClient),
+    "fedbabu": (FedBABUServer, FedBABUClient),
+    "fedfomo": (FedFomoServer, FedFomoClient),
+    "fedrep": (FedRepServer, FedRepClient),
+    "lgfedavg": (LGFedAvgServer, LGFedAvgClient),
+    "fedcmd_noweight": (FedCMDNoWeightServer, FedCMDNoWeightClient),
 }
 ALIASES = {"local-only": "local", "localonly": "local", "local_only": "local"}
 
