@@ -17,7 +17,8 @@ DEMO    := runs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The editable install compiles fedcmd_core._native (scikit-build-core + CMake): re-run it when the C++ changes.
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp csrc/cuda/*.cu)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS) -e '.[dev]'

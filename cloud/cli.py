@@ -31,6 +31,7 @@ def _mount_subcommands() -> None:
     from cloud.cli_data import data_app
 
     app.add_typer(data_app, name="data", help="Partition datasets among clients and inspect partitions.")
+    from cloud.cli_bench import bench_app; app.add_typer(bench_app, name="bench", help="Kernel micro-benchmarks.")  # noqa: E702, I001
 
 
 def fail(message: str) -> None:

@@ -20,8 +20,13 @@ validated, is C-contiguous and finite (client buffers excepted, see ``weighted_a
 * ``wasserstein_1d(u[B, n] f64, v[B, m] f64, p: float, u_weights[B, n] f64 | None,
   v_weights[B, m] f64 | None) -> [B] f64`` (W_p, not W_p^p)
 * ``wasserstein_pairwise(sketches[N, n] f64, p: float) -> [N, N] f64``
+* ``sliced_wasserstein(X[n, d] f64, Y[m, d] f64, projections[L, d] f64, p: float,
+  x_weights[n] f64 | None, y_weights[m] f64 | None) -> float`` (the face draws the unit directions,
+  see ``projections``, so every backend slices along the same lines)
 * ``weighted_aggregate(weights[K, N] f64, buffers: [N, P] array | list of N [P] arrays
-  (f16/f32/f64, possibly mixed), dtype: float32 | float64) -> [K, P] dtype``
+  (f16/f32/f64, possibly mixed), dtype: float32 | float64) -> [K, P] dtype``; the native module
+  also takes ``bf16``: a list of N flags marking float16-typed buffers that hold bfloat16 bits
+  (torch bfloat16 storage viewed without a copy; the NumPy path upcasts those to float32 instead)
 * ``cosine_similarity_matrix(A: [N, d] array | list of N [d] arrays, eps: float) -> [N, N] f64``
 * ``rowwise_mean_cosine_matrix(mats: [N, r, c] array | list of N [r, c] arrays, eps: float)
   -> [N, N] f64`` (the similarity inputs are float16/32/64)
@@ -41,7 +46,9 @@ from fedcmd_core.kernels import fallback, validate
 __all__ = [
     "backend",
     "cosine_similarity_matrix",
+    "projections",
     "rowwise_mean_cosine_matrix",
+    "sliced_wasserstein",
     "wasserstein_1d",
     "wasserstein_pairwise",
     "weighted_aggregate",
@@ -74,6 +81,7 @@ def _impl(name: str) -> Callable[..., Any]:
 
 _wasserstein_1d = _impl("wasserstein_1d")
 _wasserstein_pairwise = _impl("wasserstein_pairwise")
+_sliced_wasserstein = _impl("sliced_wasserstein")
 _weighted_aggregate = _impl("weighted_aggregate")
 _cosine_similarity_matrix = _impl("cosine_similarity_matrix")
 _rowwise_mean_cosine_matrix = _impl("rowwise_mean_cosine_matrix")
@@ -127,6 +135,72 @@ def wasserstein_pairwise(sketches: Any, p: float = 1) -> np.ndarray:
     return _wasserstein_pairwise(s, p)
 
 
+def projections(d: int, n_projections: int, seed: int) -> np.ndarray:
+    """[n_projections, d] float64 unit directions for ``sliced_wasserstein``.
+
+    Drawn exactly as POT's ``ot.sliced.get_random_projections(d, n_projections, seed)`` does (a
+    ``np.random.RandomState(seed)`` normal [d, L] matrix, columns normalised), transposed so each
+    direction is a contiguous row: our sliced distance and POT's slice along the same lines for the
+    same seed, and the native and NumPy backends receive the same array."""
+    t = np.random.RandomState(seed).randn(d, n_projections)
+    t = t / np.sqrt(np.sum(t**2, 0, keepdims=True))
+    return np.ascontiguousarray(t.T)
+
+
+def sliced_wasserstein(
+    X: Any,
+    Y: Any,
+    n_projections: int = 50,
+    seed: int = 0,
+    p: float = 2,
+    x_weights: Any = None,
+    y_weights: Any = None,
+) -> float:
+    """Sliced W_p between point clouds X [n, d] and Y [m, d]: (mean over n_projections random unit
+    directions theta of W_p^p(X theta, Y theta))^(1/p). Optional non-negative sample weights [n] / [m].
+
+    Deterministic in ``seed``; equals ``ot.sliced_wasserstein_distance(X, Y, a, b, n_projections,
+    p, seed=seed)`` (same directions, see ``projections``). p defaults to 2 like POT."""
+    fn = "sliced_wasserstein"
+    p = validate.check_p(fn, p)
+    for name, val in (("n_projections", n_projections), ("seed", seed)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            raise TypeError(f"{fn}: {name} must be an integer, got {type(val).__name__}")
+    if n_projections < 1:
+        raise ValueError(f"{fn}: n_projections must be >= 1, got {n_projections}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{fn}: seed must be in [0, 2**32), got {seed}")
+    x = validate.real_array(fn, "X", X, ndim=2)
+    y = validate.real_array(fn, "Y", Y, ndim=2)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{fn}: X {x.shape} and Y {y.shape} have different feature dimensions")
+    xw = validate.sample_weights(fn, "x_weights", x_weights, x[:, 0], "X's samples")
+    yw = validate.sample_weights(fn, "y_weights", y_weights, y[:, 0], "Y's samples")
+    theta = projections(x.shape[1], int(n_projections), int(seed))
+    return float(_sliced_wasserstein(x, y, theta, p, xw, yw))
+
+
+def _is_bf16_tensor(x: object) -> bool:
+    return validate._is_torch_tensor(x) and str(getattr(x, "dtype", "")) == "torch.bfloat16"
+
+
+def _bf16_as_half_bits(t: Any) -> np.ndarray:
+    """The bfloat16 tensor's storage as a float16-typed NumPy view (same 2-byte bits, no copy for a
+    CPU tensor): validation then sees a float16 buffer, and the native kernel is told the truth."""
+    import torch  # only reached with a torch tensor in hand; the edge inference path never gets here
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.view(torch.float16).numpy()
+
+
+def _buffer_is_finite(b: np.ndarray, bf16: bool) -> bool:
+    if bf16:  # widen the bfloat16 bits to float32 (the top half of a float32 is a bfloat16)
+        return bool(np.isfinite((b.view(np.uint16).astype(np.uint32) << 16).view(np.float32)).all())
+    return bool(np.isfinite(b).all())
+
+
 def weighted_aggregate(weights: Any, buffers: Sequence[Any] | Any) -> np.ndarray:
     """[K, P] array whose row k is sum_j weights[k, j] * buffers[j]; no normalisation (callers do it).
 
@@ -141,16 +215,21 @@ def weighted_aggregate(weights: Any, buffers: Sequence[Any] | Any) -> np.ndarray
     raises too: a non-finite aggregate must never reach a model.
     """
     fn = "weighted_aggregate"
+    bf16: list[bool] | None = None
+    if _native is not None and isinstance(buffers, Sequence) and any(_is_bf16_tensor(b) for b in buffers):
+        # bfloat16 storage halves the bytes read; the NumPy path cannot read it, the native one can
+        bf16 = [_is_bf16_tensor(b) for b in buffers]
+        buffers = [_bf16_as_half_bits(b) if f else b for b, f in zip(buffers, bf16)]
     bufs, n, _ = validate.float_buffers(fn, "buffers", buffers)
     w = validate.weight_matrix(fn, "weights", weights, n, f"{n} buffers")
     dtypes = [bufs.dtype] if isinstance(bufs, np.ndarray) else [b.dtype for b in bufs]
     dtype = np.float64 if np.dtype(np.float64) in dtypes else np.float32
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are reported below
-        out = _weighted_aggregate(w, bufs, dtype)
+        out = _weighted_aggregate(w, bufs, dtype) if bf16 is None else _weighted_aggregate(w, bufs, dtype, bf16)
     if not np.isfinite(out).all():
         rows = bufs if isinstance(bufs, list) else list(bufs)
         for j, b in enumerate(rows):
-            if not np.isfinite(b).all():
+            if not _buffer_is_finite(b, bool(bf16 and bf16[j])):
                 raise ValueError(f"{fn}: buffers[{j}] contains NaN/Inf (shape {b.shape})")
         raise ValueError(
             f"{fn}: the result overflowed {np.dtype(dtype).name} (finite inputs, shape {out.shape})"

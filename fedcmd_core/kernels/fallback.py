@@ -192,3 +192,23 @@ def cosine_similarity_matrix(A: np.ndarray | list[np.ndarray], eps: float) -> np
     if isinstance(A, list):
         return rowwise_mean_cosine_matrix([a[None, :] for a in A], eps)
     return rowwise_mean_cosine_matrix(A[:, None, :], eps)
+
+
+def sliced_wasserstein(
+    X: np.ndarray,
+    Y: np.ndarray,
+    projections: np.ndarray,
+    p: float,
+    x_weights: np.ndarray | None = None,
+    y_weights: np.ndarray | None = None,
+) -> float:
+    """Sliced W_p between the point clouds X [n, d] and Y [m, d] (float64, optional sample weights
+    [n] / [m]) over the unit directions ``projections`` [L, d]: (mean_l W_p^p(X theta_l, Y theta_l))^(1/p),
+    POT's ``ot.sliced_wasserstein_distance``. The directions are drawn by the caller (the face), so
+    every backend slices along exactly the same lines."""
+    xp = projections @ X.T  # [L, n]: one row of projected samples per direction
+    yp = projections @ Y.T
+    xw = None if x_weights is None else np.broadcast_to(x_weights, xp.shape)
+    yw = None if y_weights is None else np.broadcast_to(y_weights, yp.shape)
+    wp = wasserstein_1d(xp, yp, p, xw, yw)
+    return float(np.mean(wp**p) ** (1.0 / p))

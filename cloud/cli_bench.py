@@ -1,0 +1,499 @@
+"""``fedcmd bench kernels``: native kernels against the NumPy fallback and the named baselines.
+
+Every number of one report is measured in the same process, one after another: the native kernel
+(``fedcmd_core._native``), the NumPy fallback (``fedcmd_core.kernels.fallback``) and the baseline the
+issue names (POT, SciPy, NumPy, torch), each the best of ``--repeat`` runs (best-of, because this
+machine is shared and the minimum is the least disturbed run). Both backends are called at the
+backend-contract level on the same validated arrays, so validation is not part of either time.
+Throughput is the minimal traffic (inputs read once, outputs written once) per second, next to the
+copy bandwidth of this machine measured with ``np.copyto`` in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedcmd_core import kernels
+from fedcmd_core.kernels import fallback
+
+bench_app = typer.Typer(
+    help="Micro-benchmarks: native kernels vs the NumPy fallback and the baselines named in the issues.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class Row:
+    """One line of the table: a kernel on one case, against one baseline (times in milliseconds)."""
+
+    kernel: str
+    case: str
+    native_ms: float | None
+    fallback_ms: float | None
+    baseline: str
+    baseline_ms: float | None
+    bytes: float = 0.0  # minimal traffic of one call: inputs read once, outputs written once
+    note: str = ""
+
+    @property
+    def vs_fallback(self) -> float | None:
+        return _ratio(self.fallback_ms, self.native_ms)
+
+    @property
+    def vs_baseline(self) -> float | None:
+        return _ratio(self.baseline_ms, self.native_ms)
+
+    def gbps(self) -> float | None:
+        return self.bytes / (self.native_ms * 1e6) if self.native_ms and self.bytes else None
+
+    def as_json(self, copy_gbps: float) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(vs_fallback=self.vs_fallback, vs_baseline=self.vs_baseline, native_gbps=self.gbps())
+        g = self.gbps()
+        d["native_pct_of_copy_bw"] = 100 * g / copy_gbps if g and copy_gbps else None
+        return d
+
+
+@dataclass
+class Target:
+    name: str
+    value: float | None
+    goal: str
+    met: bool | None
+
+
+@dataclass
+class Report:
+    backend: str
+    quick: bool
+    repeat: int
+    threads: int
+    load_average: list[float]
+    cpu: str
+    copy_gbps: float = 0.0
+    rows: list[Row] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    vote: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "quick": self.quick,
+            "repeat": self.repeat,
+            "threads": self.threads,
+            "load_average": self.load_average,
+            "cpu": self.cpu,
+            "copy_gbps": self.copy_gbps,
+            "rows": [r.as_json(self.copy_gbps) for r in self.rows],
+            "targets": [asdict(t) for t in self.targets],
+            "vote": self.vote,
+        }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def best_ms(fn: Callable[[], Any], repeat: int, min_seconds: float = 0.01) -> float:
+    """Best-of-``repeat`` milliseconds per call; calls shorter than ``min_seconds`` are looped so the
+    clock resolution and call overhead do not dominate. One untimed warm-up call first."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    inner = max(1, int(min_seconds / max(first, 1e-9)))
+    best = math.inf
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best * 1e3
+
+
+class _Steps:
+    """Progress bar over the measurement steps (stderr, so --json output stays clean)."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("benchmark", total=total) if progress else None
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=what)
+        yield
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if quick:  # seconds in total: for tests and a smoke check
+        return dict(copy=1 << 21, pw=(24, 64), pot_pairs=40, w1d=(40, 32, 20), sliced=(200, 150, 8, 20),
+                    agg=(4, 10, 50_000), cos=(8, 2048), rowwise=(8, 12, 40), vote_batches=6)
+    return dict(copy=1 << 26, pw=(256, 1024), pot_pairs=600, w1d=(2000, 256, 200), sliced=(4000, 3000, 64, 200),
+                agg=(10, 100, 1 << 20), cos=(64, 1 << 18), rowwise=(100, 120, 400), vote_batches=64)
+
+
+def run_kernel_bench(quick: bool = False, repeat: int = 5, progress: Progress | None = None) -> Report:
+    """Measure everything; ``fedcmd bench kernels`` renders the result."""
+    native = kernels._native
+    size = _sizes(quick)
+    slow_repeat = max(1, min(repeat, 3))  # the per-pair POT/SciPy loops take seconds each
+    rep = Report(
+        backend=kernels.backend(),
+        quick=quick,
+        repeat=repeat,
+        threads=int(native.max_threads()) if native is not None else 1,
+        load_average=[round(x, 2) for x in os.getloadavg()],
+        cpu=f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {native.build_info['isa']}" if native is not None else ""),
+    )
+    steps = _Steps(progress, total=9)
+    rng = np.random.default_rng(0)
+
+    def nat(name: str, *args: Any) -> float | None:
+        if native is None:
+            return None
+        fn = getattr(native, name)
+        return best_ms(lambda: fn(*args), repeat)
+
+    with steps.step("copy bandwidth (np.copyto)"):
+        rep.copy_gbps = copy_bandwidth(size["copy"], repeat)
+
+    _bench_pairwise(rep, size, repeat, slow_repeat, rng, nat, steps)
+    _bench_w1d_sliced(rep, size, repeat, rng, nat, steps)
+    _bench_aggregate(rep, size, repeat, rng, nat, steps)
+    _bench_similarity(rep, size, repeat, rng, nat, steps)
+    with steps.step("FedCMD vote vs local training (LeNet-5, batch 32)"):
+        rep.vote = vote_overhead(size["vote_batches"], repeat)
+    rep.targets.append(
+        Target("vote cost / local training time", rep.vote["overhead_pct"], "<= 5 %", rep.vote["overhead_pct"] <= 5)
+    )
+    return rep
+
+
+def copy_bandwidth(elements: int, repeat: int) -> float:
+    """GB/s of np.copyto between two float32 arrays, counting the read and the write."""
+    src = np.ones(elements, np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / (best_ms(lambda: np.copyto(dst, src), repeat) * 1e6)
+
+
+def _bench_pairwise(rep: Report, size: dict[str, Any], repeat: int, slow_repeat: int, rng: np.random.Generator,
+                    nat: Callable[..., float | None], steps: _Steps) -> None:
+    import ot
+    import scipy.stats
+
+    N, n = size["pw"]
+    S = rng.normal(size=(N, n)) * rng.uniform(0.5, 2.0, size=(N, 1))
+    pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
+    sample = [pairs[k] for k in rng.choice(len(pairs), size=min(len(pairs), size["pot_pairs"]), replace=False)]
+    scale = len(pairs) / len(sample)  # per-pair baselines: time a sample of pairs, scale to all pairs
+    case = f"N={N}, n={n}"
+    with steps.step(f"wasserstein_pairwise {case}"):
+        native_ms = nat("wasserstein_pairwise", S, 1.0)
+        fallback_ms = best_ms(lambda: fallback.wasserstein_pairwise(S, 1.0), repeat)
+        traffic = S.nbytes + N * N * 8
+        pot_ms = scale * best_ms(lambda: [ot.wasserstein_1d(S[i], S[j], p=1) for i, j in sample], slow_repeat)
+        sp_ms = scale * best_ms(
+            lambda: [scipy.stats.wasserstein_distance(S[i], S[j]) for i, j in sample], slow_repeat
+        )
+        sort_once_ms = best_ms(lambda: numpy_sort_once_pairwise(S), repeat)
+    note = f"per-pair time of {len(sample)} pairs x {len(pairs)} pairs"
+    rep.rows += [
+        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "POT ot.wasserstein_1d per pair", pot_ms, traffic,
+            note),
+        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "scipy wasserstein_distance per pair", sp_ms,
+            traffic, note),
+        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "NumPy sort-once + vectorised diff", sort_once_ms,
+            traffic),
+    ]
+    x_pot = _ratio(pot_ms, native_ms)
+    x_np = _ratio(sort_once_ms, native_ms)
+    rep.targets += [
+        Target("pairwise W1: POT per pair / native", x_pot, ">= 200x", None if x_pot is None else x_pot >= 200),
+        Target("pairwise W1: NumPy sort-once / native", x_np, "> 1x", None if x_np is None else x_np > 1),
+    ]
+
+
+def numpy_sort_once_pairwise(S: np.ndarray, block: int = 8) -> np.ndarray:
+    """The plain NumPy baseline: sort every row once, then mean |s_i - s_j| over row blocks."""
+    s = np.sort(S, axis=1)
+    out = np.empty((S.shape[0], S.shape[0]))
+    for i0 in range(0, S.shape[0], block):
+        out[i0 : i0 + block] = np.abs(s[i0 : i0 + block, None, :] - s[None, :, :]).mean(axis=-1)
+    return out
+
+
+def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
+                      nat: Callable[..., float | None], steps: _Steps) -> None:
+    import ot
+
+    B, n, m = size["w1d"]
+    u, v = rng.normal(size=(B, n)), rng.normal(size=(B, m)) + 0.3
+    uw, vw = rng.random((B, n)), rng.random((B, m))
+    case = f"B={B}, n={n}, m={m}, weighted"
+    with steps.step(f"wasserstein_1d {case}"):
+        native_ms = nat("wasserstein_1d", u, v, 1.0, uw, vw)
+        fallback_ms = best_ms(lambda: fallback.wasserstein_1d(u, v, 1.0, uw, vw), repeat)
+        # POT is batched along its second axis and wants normalised weights
+        ut, vt = np.ascontiguousarray(u.T), np.ascontiguousarray(v.T)
+        uwt, vwt = np.ascontiguousarray((uw / uw.sum(1, keepdims=True)).T), np.ascontiguousarray(
+            (vw / vw.sum(1, keepdims=True)).T
+        )
+        pot_ms = best_ms(lambda: ot.wasserstein_1d(ut, vt, uwt, vwt, p=1), repeat)
+    rep.rows.append(
+        Row("wasserstein_1d", case, native_ms, fallback_ms, "POT ot.wasserstein_1d (batched)", pot_ms,
+            2 * (u.nbytes + v.nbytes) + B * 8)
+    )
+
+    n, m, d, L = size["sliced"]
+    X, Y = rng.normal(size=(n, d)), rng.normal(size=(m, d)) * 1.5
+    theta = kernels.projections(d, L, 0)
+    case = f"n={n}, m={m}, d={d}, L={L}"
+    with steps.step(f"sliced_wasserstein {case}"):
+        native_ms = nat("sliced_wasserstein", X, Y, theta, 2.0, None, None)
+        fallback_ms = best_ms(lambda: fallback.sliced_wasserstein(X, Y, theta, 2.0), repeat)
+        pot_ms = best_ms(lambda: ot.sliced_wasserstein_distance(X, Y, n_projections=L, p=2, seed=0), repeat)
+    rep.rows.append(
+        Row("sliced_wasserstein", case, native_ms, fallback_ms, "POT ot.sliced_wasserstein_distance", pot_ms,
+            X.nbytes + Y.nbytes + theta.nbytes)
+    )
+
+
+def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
+                     nat: Callable[..., float | None], steps: _Steps) -> None:
+    import torch
+
+    K, N, P = size["agg"]
+    W = rng.random((K, N))
+    W32 = W.astype(np.float32)
+    # N separately allocated buffers, as a server holds them (one per client)
+    bufs = [rng.standard_normal(P, dtype=np.float32) for _ in range(N)]
+    case = f"K={K}, N={N} x {P:,}"
+    out_bytes = K * P * 4
+    with steps.step(f"weighted_aggregate float32 {case}"):
+        native32 = nat("weighted_aggregate", W, bufs, np.float32)
+        fallback32 = best_ms(lambda: fallback.weighted_aggregate(W, bufs, np.float32), repeat)
+        stack_ms = best_ms(lambda: W32 @ np.stack(bufs), repeat)
+        X = np.stack(bufs)
+        pre_ms = best_ms(lambda: W32 @ X, repeat)
+    traffic32 = N * P * 4 + out_bytes
+    rep.rows += [
+        Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms,
+            traffic32),
+        Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy np.stack + matmul", stack_ms, traffic32),
+    ]
+    with steps.step(f"weighted_aggregate float16 / bfloat16 {case}"):
+        h = [b.astype(np.float16) for b in bufs]
+        native16 = nat("weighted_aggregate", W, h, np.float32)
+        fallback16 = best_ms(lambda: fallback.weighted_aggregate(W, h, np.float32), repeat)
+        tb = [torch.from_numpy(b).to(torch.bfloat16) for b in bufs]
+        bits = [t.view(torch.float16).numpy() for t in tb]
+        flags = [True] * N
+        native_bf = nat("weighted_aggregate", W, bits, np.float32, flags)
+        # the NumPy path cannot read bfloat16: the face upcasts each tensor to float32 first
+        fallback_bf = best_ms(lambda: fallback.weighted_aggregate(W, [t.float().numpy() for t in tb], np.float32),
+                              repeat)
+        torch_bf = best_ms(lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb), repeat)
+    traffic16 = N * P * 2 + out_bytes
+    rep.rows += [
+        Row("weighted_aggregate", case + " f16", native16, fallback16, "float32 buffers, same backend",
+            native32 if native32 is not None else fallback32, traffic16),
+        Row("weighted_aggregate", case + " bf16", native_bf, fallback_bf, "torch bf16 stack + matmul", torch_bf,
+            traffic16),
+    ]
+    near = _ratio(native32, pre_ms)
+    x_stack = _ratio(stack_ms, native32)
+    x16 = _ratio(native32, native16)
+    xbf = _ratio(native32, native_bf)
+    rep.targets += [
+        Target("aggregate f32: native / (w @ X pre-stacked)", near, "<= 1.10", None if near is None else near <= 1.10),
+        Target("aggregate f32: (np.stack + matmul) / native", x_stack, ">= 5x",
+               None if x_stack is None else x_stack >= 5),
+        Target("aggregate: f32 native / f16 native", x16, ">= 1.6x", None if x16 is None else x16 >= 1.6),
+        Target("aggregate: f32 native / bf16 native", xbf, ">= 1.6x", None if xbf is None else xbf >= 1.6),
+    ]
+
+
+def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
+                      nat: Callable[..., float | None], steps: _Steps) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    N, d = size["cos"]
+    A = rng.standard_normal((N, d), dtype=np.float32)
+    case = f"N={N}, d={d:,} f32"
+    ta = torch.from_numpy(A)
+
+    def torch_matrix() -> list[torch.Tensor]:  # row by row: the [N, N, d] broadcast would not fit
+        return [F.cosine_similarity(ta[i : i + 1], ta, dim=-1) for i in range(N)]
+
+    with steps.step(f"cosine_similarity_matrix {case}"):
+        native_ms = nat("cosine_similarity_matrix", A, kernels.COSINE_EPS)
+        fallback_ms = best_ms(lambda: fallback.cosine_similarity_matrix(A, kernels.COSINE_EPS), repeat)
+        torch_ms = best_ms(torch_matrix, repeat)
+    rep.rows.append(
+        Row("cosine_similarity_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity", torch_ms,
+            A.nbytes + N * N * 8)
+    )
+
+    N, r, c = size["rowwise"]
+    mats = [rng.standard_normal((r, c), dtype=np.float32) for _ in range(N)]
+    tm = torch.from_numpy(np.stack(mats))
+    case = f"N={N} x [{r}, {c}] f32"
+
+    def torch_rowwise() -> list[torch.Tensor]:  # FedCMD / pFedSim: cos over rows, then the mean
+        return [F.cosine_similarity(tm[i : i + 1], tm, dim=-1).mean(-1) for i in range(N)]
+
+    with steps.step(f"rowwise_mean_cosine_matrix {case}"):
+        native_ms = nat("rowwise_mean_cosine_matrix", mats, kernels.COSINE_EPS)
+        fallback_ms = best_ms(lambda: fallback.rowwise_mean_cosine_matrix(mats, kernels.COSINE_EPS), repeat)
+        torch_ms = best_ms(torch_rowwise, repeat)
+    rep.rows.append(
+        Row("rowwise_mean_cosine_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity + mean", torch_ms,
+            N * r * c * 4 + N * N * 8)
+    )
+
+
+def vote_overhead(batches: int, repeat: int) -> dict[str, float]:
+    """FedCMD's per-batch layer vote against local training: LeNet-5 on random 28x28 data, batch 32.
+
+    The hook is the one ``FedCMDClient.batch_hook`` installs (embed, ``layer_distances`` with the W1
+    metric through ``kernels.wasserstein_1d``, argmin); ``overhead_pct`` is the extra wall time of
+    training with it, ``hook_pct`` the time spent inside it, both relative to training without it.
+    torch runs on one thread here, as on an edge device whose agent pins it: on a shared 2-core
+    machine torch's thread pool made tiny tensor ops 50x slower in both runs and drowned the signal."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _vote_overhead(batches, repeat)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
+    import torch
+
+    from fedcmd_core.models import build_model
+    from fedcmd_core.selection import layer_distances
+    from fedcmd_core.training import train_epochs
+
+    model = build_model("lenet5", (1, 28, 28), 10, seed=0)
+    names = [name for name, _ in model.named_children()]
+    index = [names.index(c) for c in ("fc1", "fc2", "classifier")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32 * batches, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (32 * batches,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    inside = [0.0]
+    votes = np.zeros(len(index), dtype=np.int64)
+
+    def hook(xb: torch.Tensor, yb: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        start = time.perf_counter()
+        onehot = torch.nn.functional.one_hot(yb, 10).to(xb.dtype)
+        d = layer_distances(xb, onehot, outputs, index, "w1", "minmax_mean")
+        votes[int(np.argmin(d))] += 1
+        inside[0] += time.perf_counter() - start
+
+    def run(with_hook: bool) -> float:
+        inside[0] = 0.0
+        start = time.perf_counter()
+        train_epochs(model, x, y, opt, 1, 32, torch.Generator().manual_seed(1), hook if with_hook else None)
+        return time.perf_counter() - start
+
+    run(False)  # warm-up
+    plain, hooked, hook_s = math.inf, math.inf, math.inf
+    for _ in range(max(1, repeat)):  # interleaved, so a burst of load hits both
+        plain = min(plain, run(False))
+        t = run(True)
+        if t < hooked:
+            hooked, hook_s = t, inside[0]
+    return {
+        "batches": float(batches),
+        "train_ms": plain * 1e3,
+        "train_with_vote_ms": hooked * 1e3,
+        "vote_ms_per_batch": hook_s * 1e3 / batches,
+        "overhead_pct": 100 * (hooked - plain) / plain,
+        "hook_pct": 100 * hook_s / plain,
+    }
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "—" if x is None else f"{x:{spec}}{suffix}"
+
+
+def render(rep: Report, console: Console) -> None:
+    table = Table(
+        title=f"fedcmd bench kernels — backend {rep.backend}, {rep.threads} thread(s), {rep.cpu}",
+        caption=(
+            f"best of {rep.repeat}; load average {rep.load_average[0]:.2f} {rep.load_average[1]:.2f} "
+            f"{rep.load_average[2]:.2f}; copy bandwidth (np.copyto, read+write) {rep.copy_gbps:.1f} GB/s"
+        ),
+    )
+    for col, just in [
+        ("kernel", "left"), ("case", "left"), ("native ms", "right"), ("fallback ms", "right"),
+        ("baseline", "left"), ("baseline ms", "right"), ("x fallback", "right"), ("x baseline", "right"),
+        ("GB/s", "right"), ("% copy BW", "right"),
+    ]:
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rep.rows:
+        g = r.gbps()
+        table.add_row(
+            r.kernel, r.case, _fmt(r.native_ms, ".3f"), _fmt(r.fallback_ms, ".3f"), r.baseline,
+            _fmt(r.baseline_ms, ".3f"), _fmt(r.vs_fallback, ".1f", "x"), _fmt(r.vs_baseline, ".1f", "x"),
+            _fmt(g, ".1f"), _fmt(100 * g / rep.copy_gbps if g and rep.copy_gbps else None, ".0f", "%"),
+        )
+    v = rep.vote
+    case = f"LeNet-5, batch 32, {int(v['batches'])} batches, torch 1 thread"
+    per_batch = v["train_ms"] / v["batches"]
+    table.add_row(
+        "FedCMD vote", case, _fmt(v["vote_ms_per_batch"], ".3f"), "—", "local training (per batch)",
+        _fmt(per_batch, ".3f"), "—", "—", "—", "—",
+    )
+    console.print(table)
+    for t in rep.targets:
+        mark = "—" if t.met is None else ("[green]met[/]" if t.met else "[red]NOT met[/]")
+        value = _fmt(t.value, ".2f", " %" if "vote" in t.name else "")
+        console.print(f"  {t.name}: {value}  (target {t.goal})  {mark}")
+    console.print(
+        f"  vote: +{v['overhead_pct']:.1f} % wall time with the vote, {v['hook_pct']:.1f} % of it inside the hook"
+    )
+
+
+@bench_app.command("kernels")
+def kernels_cmd(
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run of a few seconds (tests use it)."),
+    repeat: int = typer.Option(5, "--repeat", "-r", min=1, help="Best of this many runs per measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress still goes to stderr)."),
+) -> None:
+    """Native kernels vs the NumPy fallback vs the named baselines, with ratios and GB/s."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=_err, transient=True,
+    ) as progress:
+        rep = run_kernel_bench(quick=quick, repeat=repeat, progress=progress)
+    if as_json:
+        print(json.dumps(rep.as_json(), indent=2))
+    else:
+        render(rep, _out)
