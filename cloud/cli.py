@@ -92,6 +92,10 @@ def simulate(
     save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
     save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="coordinator checkpoint written after every round; an existing one is resumed"
+    ),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="agents keep their state here (resumable)"),
     hp: Optional[list[str]] = typer.Option(
         None, "--hp", help="algorithm hyper-parameter KEY=VALUE, repeatable (e.g. --hp body_mode=relay)"
     ),

@@ -63,6 +63,8 @@ class RunConfig(BaseModel):
     save_metrics: bool = True
     # runtime
     transport: Literal["memory"] = "memory"
+    checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
+    state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest for small models)")
     out: Path | None = None
     # hyper-parameters of the chosen algorithm, validated by its own Params model

@@ -1,20 +1,24 @@
-"""The coordinator: the round loop. Samples clients, sends tasks, collects updates, lets the server
-strategy aggregate, and reports per-round metrics. It talks only through a Transport."""
+"""The coordinator: the round loop. Samples online clients, sends tasks, collects updates until every
+client answered or the deadline passed, lets the server strategy aggregate, checkpoints, and publishes
+a retained status. It talks only through a Transport, so one loop serves simulation and deployment."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
-from protocols.topics import task_topic, updates_filter
+from protocols.topics import presence_filter, status_topic, task_topic, updates_filter
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.cloud")
@@ -29,8 +33,10 @@ class RoundSettings:
     local_epoch: int
     straggler_ratio: float = 0.0
     straggler_min_local_epoch: int = 1
-    deadline: float | None = None  # seconds to wait for a round's updates (None: forever)
+    deadline: float | None = None  # seconds to wait for a round's (or a relay step's) updates; None: forever
+    min_clients: int = 1  # fewer answers than this and the round is not aggregated
     test_gap: int = 0  # evaluate every client every test_gap rounds (0: only at the end)
+    track_presence: bool = False  # sample only clients whose retained presence says online
 
 
 @dataclass
@@ -43,6 +49,7 @@ class RoundRecord:
     bytes_up: int
     seconds: float
     facts: dict[str, Any] = field(default_factory=dict)
+    answered: list[int] = field(default_factory=list)
 
 
 def pooled(updates: Sequence[Update]) -> dict[str, float]:
@@ -63,19 +70,35 @@ def pooled(updates: Sequence[Update]) -> dict[str, float]:
 
 
 class Coordinator:
-    def __init__(self, transport: Transport, strategy: ServerStrategy, fleet: str, settings: RoundSettings) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        strategy: ServerStrategy,
+        fleet: str,
+        settings: RoundSettings,
+        checkpoint: Path | None = None,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
         self.transport = transport
         self.strategy = strategy
         self.fleet = fleet
         self.s = settings
+        self.checkpoint = checkpoint
+        self.run_info = run_info or {}  # published in the status: what agents need to build their side
         self.rng = np.random.default_rng(settings.seed)
         self.stragglers = self._pick_stragglers()
+        self.next_round = 0
+        self.records: list[RoundRecord] = []
+        self.rejected: Counter[str] = Counter()
+        self.online: set[int] = set()
         self.inbox: dict[int, Update] = {}
         self.expected: set[int] = set()
         self.current_round = -1
         self.bytes_up = 0
-        self.rejected: Counter[str] = Counter()
+        if checkpoint is not None and checkpoint.is_file():
+            self._restore(checkpoint)
         transport.subscribe(updates_filter(fleet), self._on_update)
+        transport.subscribe(presence_filter(fleet), self._on_presence)
 
     # ------------------------------------------------------------------------------------- sampling
     def _pick_stragglers(self) -> set[int]:
@@ -83,14 +106,24 @@ class Coordinator:
         rng = np.random.default_rng(self.s.seed + 1)
         return set(rng.choice(self.s.num_clients, n, replace=False).tolist()) if n else set()
 
+    def population(self) -> list[int]:
+        if self.s.track_presence:
+            return sorted(c for c in self.online if 0 <= c < self.s.num_clients)
+        return list(range(self.s.num_clients))
+
     def sample(self) -> list[int]:
-        k = max(1, int(self.s.num_clients * self.s.join_ratio))
-        return self.rng.choice(self.s.num_clients, k, replace=False).tolist()
+        pop = self.population()
+        k = min(len(pop), max(1, int(self.s.num_clients * self.s.join_ratio)))
+        return [pop[i] for i in self.rng.choice(len(pop), k, replace=False).tolist()] if k else []
 
     def _local_epoch(self, cid: int) -> int:
         if cid in self.stragglers and self.s.local_epoch > self.s.straggler_min_local_epoch:
             return int(self.rng.integers(self.s.straggler_min_local_epoch, self.s.local_epoch))
         return self.s.local_epoch
+
+    def wait_for_clients(self, count: int, timeout: float | None) -> bool:
+        """Block until ``count`` clients are online (presence), or the timeout passes."""
+        return self.transport.run_until(lambda: len(self.population()) >= count, timeout)
 
     # ------------------------------------------------------------------------------------- messages
     def _send(self, rnd: int, cid: int, task: Task) -> int:
@@ -103,6 +136,19 @@ class Coordinator:
         self.rejected[reason] += 1
         log.warning("rejected update: %s (%s)", detail, reason)
 
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        try:
+            cid = int(topic.split("/")[-2])
+            state = json.loads(payload).get("state")
+        except (ValueError, AttributeError, IndexError):
+            self.rejected["bad_presence"] += 1
+            log.warning("rejected presence message on %s", topic)
+            return
+        if state == "online":
+            self.online.add(cid)
+        else:
+            self.online.discard(cid)
+
     def _on_update(self, topic: str, payload: bytes) -> None:
         try:
             header, arrays = decode(payload)
@@ -111,6 +157,9 @@ class Coordinator:
             return
         if header.type != "update" or header.fleet != self.fleet:
             self._reject("wrong_fleet", f"{header.type} for fleet {header.fleet!r}")
+            return
+        if topic.split("/")[-2] != str(header.client):
+            self._reject("spoofed_client", f"client {header.client} published on {topic}")
             return
         if header.round != self.current_round:
             self._reject("wrong_round", f"client {header.client} round {header.round} != {self.current_round}")
@@ -149,7 +198,8 @@ class Coordinator:
                     if kind == "fit":
                         self.strategy.on_update(rnd, cid, self.inbox[cid])
                 else:
-                    log.warning("round %d: client %d did not answer before the deadline", rnd, cid)
+                    log.warning("round %d: client %d did not answer before the deadline", rnd + 1, cid)
+        self.expected = set()  # late answers are rejected from now on
         return answered, down
 
     # ------------------------------------------------------------------------------------- the loop
@@ -159,26 +209,82 @@ class Coordinator:
         self.strategy.begin_round(rnd, cids)
         self.bytes_up = 0
         answered, down = self._collect(rnd, cids, "fit", self.strategy.sequential(rnd))
-        updates = [self.inbox[c] for c in answered]
-        facts = self.strategy.end_round(rnd, answered)
-        metrics = pooled(updates)
+        if len(answered) < self.s.min_clients:
+            log.warning("round %d: %d of %d clients answered, below min_clients=%d: not aggregated",
+                        rnd + 1, len(answered), len(cids), self.s.min_clients)
+            self.strategy.pending.clear()
+            facts: dict[str, Any] = {"aggregated": False}
+        else:
+            facts = self.strategy.end_round(rnd, answered)
+            log.info("round %d: aggregated %d of %d clients", rnd + 1, len(answered), len(cids))
+        metrics = pooled([self.inbox[c] for c in answered if c in self.inbox])
         up = self.bytes_up
         if self.s.test_gap and (rnd + 1) % self.s.test_gap == 0 and rnd + 1 < self.s.global_epoch:
             metrics.update({f"all_{k}": v for k, v in self.evaluate_all(rnd).items()})
         seconds = time.perf_counter() - start
-        return RoundRecord(rnd, self.strategy.phase(rnd), cids, metrics, down, up, seconds, facts)
+        return RoundRecord(rnd, self.strategy.phase(rnd), cids, metrics, down, up, seconds, facts, answered)
 
     def evaluate_all(self, rnd: int) -> dict[str, float]:
-        """Personalized accuracy of every client (its body from the cloud + its own local layers)."""
-        everyone = list(range(self.s.num_clients))
-        answered, _ = self._collect(rnd, everyone, "evaluate", sequential=False)
+        """Personalized accuracy of every (online) client: its body from the cloud + its own local layers."""
+        answered, _ = self._collect(rnd, self.population(), "evaluate", sequential=False)
         return pooled([self.inbox[c] for c in answered])
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
-        records = []
-        for rnd in range(self.s.global_epoch):
-            record = self.run_round(rnd)
-            records.append(record)
+        self.publish_status("running")
+        while self.next_round < self.s.global_epoch:
+            record = self.run_round(self.next_round)
+            self.records.append(record)
+            self.next_round += 1
+            self.save_checkpoint()
+            self.publish_status("running", record)
             if on_round is not None:
                 on_round(record)
-        return records
+        return self.records
+
+    # ------------------------------------------------------------------------------------- state
+    def publish_status(self, state: str, record: RoundRecord | None = None) -> None:
+        status = {
+            "state": state,
+            "fleet": self.fleet,
+            "next_round": self.next_round,
+            "global_epoch": self.s.global_epoch,
+            "online": len(self.online),
+            "rejected": dict(self.rejected),
+            "run": self.run_info,
+        }
+        if record is not None:
+            status["last_round"] = {"round": record.round + 1, "phase": record.phase, "metrics": record.metrics,
+                                    "answered": len(record.answered), "sampled": len(record.clients)}
+        self.transport.publish(status_topic(self.fleet), json.dumps(status).encode(), retain=True)
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        save_state_file(
+            self.checkpoint,
+            {
+                "next_round": self.next_round,
+                "rng": self.rng,
+                "stragglers": self.stragglers,
+                "records": [asdict(r) for r in self.records],
+                "rejected": self.rejected,
+                "strategy": self.strategy.state_dict(),
+            },
+            {"kind": "fedcmd-coordinator-checkpoint", "fleet": self.fleet, "algo": self.strategy.name},
+        )
+
+    def _restore(self, path: Path) -> None:
+        values, meta = load_state_file(path)
+        if meta.get("fleet") != self.fleet or meta.get("algo") != self.strategy.name:
+            raise ValueError(
+                f"checkpoint {path} is for fleet {meta.get('fleet')!r} / {meta.get('algo')!r}, "
+                f"not {self.fleet!r} / {self.strategy.name!r}: move it away or point --checkpoint elsewhere"
+            )
+        self.next_round = int(values["next_round"])
+        self.rng = values["rng"]
+        self.stragglers = set(values["stragglers"])
+        self.records = [RoundRecord(**r) for r in values["records"]]
+        self.rejected = Counter(values["rejected"])
+        self.strategy.load_state_dict(values["strategy"])
+        log.info("resumed from %s at round %d", path, self.next_round + 1)

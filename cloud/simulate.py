@@ -156,6 +156,8 @@ def build_and_run(
         everyone = torch.from_numpy(np.concatenate(partition.test)).long()
         x, y = dataset.x[everyone].to(device), dataset.y[everyone].to(device)
         global_test = ClientData(x[:0], y[:0], x, y)
+    if cfg.state_dir is not None:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
     agents = []
     for cid in range(num_clients):
         ctx = ClientContext(
@@ -169,7 +171,9 @@ def build_and_run(
             finetune_epoch=cfg.finetune_epoch,
             eval_data=global_test,
         )
-        agents.append(Agent(transport, FLEET, cid, client_cls(hp, ctx)))
+        agent = Agent(transport, FLEET, cid, client_cls(hp, ctx), state_dir=cfg.state_dir)
+        agent.announce()
+        agents.append(agent)
 
     settings = RoundSettings(
         num_clients=num_clients,
@@ -180,8 +184,13 @@ def build_and_run(
         straggler_ratio=cfg.straggler_ratio,
         straggler_min_local_epoch=cfg.straggler_min_local_epoch,
         test_gap=cfg.test_gap,
+        track_presence=True,
     )
-    coordinator = Coordinator(transport, server, FLEET, settings)
+    try:
+        coordinator = Coordinator(transport, server, FLEET, settings, checkpoint=cfg.checkpoint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    coordinator.wait_for_clients(num_clients, timeout=60)
     if on_start is not None:
         on_start(cfg.global_epoch)
     records = coordinator.run(on_round)

@@ -6,24 +6,45 @@ in-process simulation and a device on an MQTT broker.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
+from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ClientStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
-from protocols.topics import task_topic, update_topic
+from protocols.topics import presence_topic, task_topic, update_topic
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.agent")
 
 
 class Agent:
-    def __init__(self, transport: Transport, fleet: str, client_id: int, strategy: ClientStrategy) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        fleet: str,
+        client_id: int,
+        strategy: ClientStrategy,
+        state_dir: Path | None = None,
+    ) -> None:
         self.transport = transport
         self.fleet = fleet
         self.client_id = client_id
         self.strategy = strategy
         self.tasks_done = 0
+        # Personal layers, BN statistics and optimiser state survive a restart of the device.
+        self.state_file = state_dir / f"client-{client_id}.state.safetensors" if state_dir else None
+        if self.state_file is not None and self.state_file.is_file():
+            values, _ = load_state_file(self.state_file)
+            strategy.load_state_dict(values)
+            log.info("client %d: restored state from %s", client_id, self.state_file)
         transport.subscribe(task_topic(fleet, client_id), self._on_task)
+
+    def announce(self, state: str = "online") -> None:
+        """Retained presence: how the coordinator learns this device can be sampled."""
+        payload = json.dumps({"state": state, "client": self.client_id}).encode()
+        self.transport.publish(presence_topic(self.fleet, self.client_id), payload, retain=True)
 
     def _on_task(self, topic: str, payload: bytes) -> None:
         try:
@@ -37,6 +58,8 @@ class Agent:
         task = Task(header.round, "evaluate" if header.kind == "evaluate" else "fit", arrays, header.payload)
         update = self.strategy.evaluate(task) if task.kind == "evaluate" else self.strategy.fit(task)
         self.tasks_done += 1
+        if task.kind == "fit" and self.state_file is not None:
+            save_state_file(self.state_file, self.strategy.state_dict(), {"client": str(self.client_id)})
         self.transport.publish(update_topic(self.fleet, self.client_id), self.encode_update(task, update))
 
     def encode_update(self, task: Task, update: Update) -> bytes:

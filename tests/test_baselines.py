@@ -56,7 +56,8 @@ def run(
     """A real simulation on the shared partition; returns every decoded message too."""
     transport = MemoryTransport()
     messages: list[Message] = []
-    transport.subscribe("#", lambda topic, payload: messages.append((topic, *decode(payload))))
+    for kind in ("task", "update"):  # every framed message (presence and status are JSON)
+        transport.subscribe(f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload))))
     cfg = resolve(
         {},
         {

@@ -23,7 +23,8 @@ def small_run(algo: str, partition: Path, rounds: int = 6, **hp: object) -> tupl
     """A real simulation on the first shared partition; returns every decoded message too."""
     transport = MemoryTransport()
     messages: list = []
-    transport.subscribe("#", lambda topic, payload: messages.append((topic, *decode(payload))))
+    for kind in ("task", "update"):  # every framed message (presence and status are JSON)
+        transport.subscribe(f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload))))
     cfg = resolve(
         {},
         {

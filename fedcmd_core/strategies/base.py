@@ -26,6 +26,9 @@ from fedcmd_core.params import Arrays, load_arrays, model_arrays, weighted_avera
 from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
 
 
+_NOT_STATE = ("params", "ctx", "pending")
+
+
 class HyperParams(BaseModel):
     """Base for an algorithm's hyper-parameters: unknown keys and wrong types are errors."""
 
@@ -157,6 +160,15 @@ class ServerStrategy(ABC):
         """Facts for summary.json (chosen layers, votes, ...)."""
         return {}
 
+    # --- checkpoints: everything accumulated between rounds (params and context come from the config)
+    def state_dict(self) -> dict[str, Any]:
+        if self.pending:
+            raise RuntimeError("state_dict() between end_round() and the next round only")
+        return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
 
 # ---------------------------------------------------------------------------------------- device side
 @dataclass
@@ -194,6 +206,13 @@ class ClientStrategy:
         self.ctx = ctx
         # Everything this device keeps between rounds: its full last model and optimizer momentum.
         self.state: Arrays = {}
+
+    # --- device state that survives restarts (the agent stores it in its state dir)
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
 
     # --- hooks for algorithms
     def batch_hook(self, task: Task):  # -> BatchHook | None
