@@ -57,7 +57,9 @@ def run(
     transport = MemoryTransport()
     messages: list[Message] = []
     for kind in ("task", "update"):  # every framed message (presence and status are JSON)
-        transport.subscribe(f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload))))
+        transport.subscribe(
+            f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload)))
+        )
     cfg = resolve(
         {},
         {

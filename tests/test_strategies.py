@@ -24,7 +24,9 @@ def small_run(algo: str, partition: Path, rounds: int = 6, **hp: object) -> tupl
     transport = MemoryTransport()
     messages: list = []
     for kind in ("task", "update"):  # every framed message (presence and status are JSON)
-        transport.subscribe(f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload))))
+        transport.subscribe(
+            f"fedcmd/+/client/+/{kind}", lambda topic, payload: messages.append((topic, *decode(payload)))
+        )
     cfg = resolve(
         {},
         {
