@@ -18,17 +18,11 @@ from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
 from edge_agent.agent import Agent
 from fedcmd_core.data import DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
 from fedcmd_core.models import build_model, model_name
-from fedcmd_core.params import load_arrays, model_arrays
-from fedcmd_core.strategies import (
-    ClientContext,
-    ClientData,
-    ModelSpec,
-    ServerContext,
-    algorithm,
-    parse_params,
-)
-from fedcmd_core.training import TrainConfig
+from fedcmd_core.params import load_arrays
+from fedcmd_core.runspec import RunSpec, build_client, build_server
+from fedcmd_core.strategies import ClientData, ModelSpec, ServerStrategy, parse_params
 from protocols.memory import MemoryTransport
+from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.simulate")
 FLEET = "sim"
@@ -125,56 +119,82 @@ def _client_data(dataset: Dataset, partition: Partition, cid: int, device: torch
     )
 
 
-def build_and_run(
-    cfg: RunConfig,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    transport: MemoryTransport | None = None,
-) -> SimulationResult:
-    """Run a whole simulation; raises ConfigError / DataError for user mistakes before any work."""
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """Everything validated and built before any work: the run spec, data, initial model, server side."""
+
+    cfg: RunConfig
+    spec: RunSpec
+    dataset: Dataset
+    partition: Partition
+    model: torch.nn.Module
+    model_spec: ModelSpec
+    device: torch.device
+    server: ServerStrategy
+    global_test: ClientData | None
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate the configuration and build the initial model and server strategy (ConfigError/DataError)."""
     torch.set_num_threads(cfg.threads)
-    server_cls, client_cls = algorithm(cfg.algo)
     try:
-        hp = parse_params(cfg.algo, cfg.hp)
+        parse_params(cfg.algo, cfg.hp)
     except ValueError as e:  # pydantic ValidationError is a ValueError
         raise ConfigError(f"bad hyper-parameter for {cfg.algo}: {_first_error(e)}") from None
     dataset, partition = load_data(cfg)
     device = _device(cfg)
     model = _initial_model(cfg, dataset).to(device)
-    spec = ModelSpec.from_model(model)
-    num_clients = partition.num_clients
+    spec = RunSpec(
+        algo=cfg.algo,
+        hp=cfg.hp,
+        model=cfg.model,
+        input_shape=dataset.input_shape,
+        num_classes=dataset.num_classes,
+        seed=cfg.seed,
+        num_clients=partition.num_clients,
+        global_epoch=cfg.global_epoch,
+        local_epoch=cfg.local_epoch,
+        batch_size=cfg.batch_size,
+        local_lr=cfg.local_lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        eval_train=cfg.eval_train,
+        finetune_epoch=cfg.finetune_epoch,
+    )
     try:
-        server = server_cls(hp, ServerContext(spec, num_clients, cfg.global_epoch, cfg.seed))
+        server = build_server(spec, model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-    transport = transport or MemoryTransport()
-    train_cfg = TrainConfig(cfg.local_epoch, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.weight_decay)
     global_test = None
     if cfg.global_testset:
         everyone = torch.from_numpy(np.concatenate(partition.test)).long()
         x, y = dataset.x[everyone].to(device), dataset.y[everyone].to(device)
         global_test = ClientData(x[:0], y[:0], x, y)
-    if cfg.state_dir is not None:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    agents = []
-    for cid in range(num_clients):
-        ctx = ClientContext(
-            model=model,
-            spec=spec,
-            data=_client_data(dataset, partition, cid, device),
-            train=train_cfg,
-            seed=cfg.seed,
-            client_id=cid,
-            eval_train=cfg.eval_train,
-            finetune_epoch=cfg.finetune_epoch,
-            eval_data=global_test,
-        )
-        agent = Agent(transport, FLEET, cid, client_cls(hp, ctx), state_dir=cfg.state_dir)
-        agent.announce()
-        agents.append(agent)
+    return Prepared(cfg, spec, dataset, partition, model, ModelSpec.from_model(model), device, server, global_test)
 
+
+def make_agent(p: Prepared, transport: Transport, cid: int, model: torch.nn.Module | None = None) -> Agent:
+    """One device: its data slice, its strategy, its agent. ``model`` is the workspace (default: shared)."""
+    data = _client_data(p.dataset, p.partition, cid, p.device)
+    if model is not None:
+        load_arrays(model, p.model_spec.initial)
+    client = build_client(p.spec, cid, data, model or p.model, p.model_spec, p.global_test)
+    if p.cfg.state_dir is not None:
+        p.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    return Agent(transport, FLEET, cid, client, state_dir=p.cfg.state_dir)
+
+
+def run_coordinator(
+    p: Prepared,
+    transport: Transport,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    started: float | None = None,
+    registration_timeout: float = 60.0,
+    deadline: float | None = None,
+) -> SimulationResult:
+    cfg = p.cfg
+    num_clients = p.partition.num_clients
     settings = RoundSettings(
         num_clients=num_clients,
         global_epoch=cfg.global_epoch,
@@ -185,26 +205,48 @@ def build_and_run(
         straggler_min_local_epoch=cfg.straggler_min_local_epoch,
         test_gap=cfg.test_gap,
         track_presence=True,
+        deadline=deadline,
     )
     try:
-        coordinator = Coordinator(transport, server, FLEET, settings, checkpoint=cfg.checkpoint)
+        coordinator = Coordinator(transport, p.server, FLEET, settings, checkpoint=cfg.checkpoint)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    coordinator.wait_for_clients(num_clients, timeout=60)
+    if not coordinator.wait_for_clients(num_clients, timeout=registration_timeout):
+        raise RuntimeError(f"only {len(coordinator.online)} of {num_clients} agents came online")
     if on_start is not None:
         on_start(cfg.global_epoch)
     records = coordinator.run(on_round)
     final = coordinator.evaluate_all(cfg.global_epoch - 1)
+    coordinator.publish_status("finished")
     return SimulationResult(
         config=cfg,
         records=records,
         final=final,
-        strategy_summary=server.summary(),
-        partition=partition,
-        seconds=time.perf_counter() - started,
+        strategy_summary=p.server.summary(),
+        partition=p.partition,
+        seconds=time.perf_counter() - (started or time.perf_counter()),
         rejected=dict(coordinator.rejected),
-        global_arrays=server.global_arrays if cfg.save_model else model_arrays(model, []),
+        global_arrays=p.server.global_arrays if cfg.save_model else {},
     )
+
+
+def build_and_run(
+    cfg: RunConfig,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    transport: MemoryTransport | None = None,
+) -> SimulationResult:
+    """Run a whole simulation; raises ConfigError / DataError for user mistakes before any work."""
+    started = time.perf_counter()
+    p = prepare(cfg)
+    if cfg.transport == "mqtt":
+        from cloud.fleet_sim import run_mqtt_simulation
+
+        return run_mqtt_simulation(p, on_round=on_round, on_start=on_start, started=started)
+    transport = transport or MemoryTransport()
+    for cid in range(p.partition.num_clients):
+        make_agent(p, transport, cid).announce()
+    return run_coordinator(p, transport, on_round, on_start, started)
 
 
 def _first_error(e: Exception) -> str:
