@@ -92,6 +92,13 @@ def simulate(
     save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
     save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+    transport: Optional[str] = typer.Option(
+        None, "--transport", help="memory (one process) or mqtt (real MQTT agents in worker processes)"
+    ),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", help="with --transport mqtt: auto (private local broker) or mqtt://host:port"
+    ),
+    workers: Optional[int] = typer.Option(None, "--workers", help="agent worker processes (default: cores)"),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="coordinator checkpoint written after every round; an existing one is resumed"
     ),

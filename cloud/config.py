@@ -62,7 +62,9 @@ class RunConfig(BaseModel):
     save_fig: bool = True
     save_metrics: bool = True
     # runtime
-    transport: Literal["memory"] = "memory"
+    transport: Literal["memory", "mqtt"] = "memory"
+    broker: str = Field("auto", description="'auto' (private mosquitto, else embedded amqtt) or mqtt://host:port")
+    workers: int = Field(0, ge=0, description="agent worker processes for --transport mqtt (0: one per core)")
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
     threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest for small models)")

@@ -1,0 +1,104 @@
+"""``fedcmd simulate --transport mqtt``: a fleet of real MQTT agents on one machine.
+
+The coordinator runs in this process; the agents are spread over worker processes, each agent a real
+MQTT client with its own client id and its own network thread, answering tasks on its own thread.
+With one torch thread per worker, two cores serve hundreds of agents (only a round's sampled agents
+train; the rest wait on their sockets).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cloud.config import ConfigError, RunConfig
+from cloud.coordinator import RoundRecord
+from cloud.simulate import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
+from protocols.topics import presence_topic
+
+log = logging.getLogger("fedcmd.fleet")
+
+
+def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> None:
+    """A worker process: builds its agents, each with its own MQTT connection, and serves them."""
+    import json
+
+    import torch
+    from protocols.mqtt import MqttTransport
+
+    torch.set_num_threads(1)
+    p = prepare(RunConfig(**json.loads(cfg_json)))
+    threads = []
+    transports = []
+    for cid in cids:
+        offline = json.dumps({"state": "offline", "client": cid}).encode()
+        transport = MqttTransport(url, f"{FLEET}-agent-{cid}", will=(presence_topic(FLEET, cid), offline, True))
+        transport.wait_connected(30)
+        # Each agent trains on its own thread, so it needs its own workspace model.
+        agent = make_agent(p, transport, cid, model=p.spec.build_model())
+        agent.announce()
+        transports.append(transport)
+        thread = threading.Thread(target=transport.run_until, args=(stop.is_set, None), daemon=True)
+        thread.start()
+        threads.append(thread)
+    ready.release()
+    stop.wait()
+    for t in transports:
+        t.close()
+
+
+def run_mqtt_simulation(
+    p: Prepared,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    started: float | None = None,
+) -> SimulationResult:
+    from protocols.broker import start_broker
+    from protocols.mqtt import MqttTransport
+
+    cfg = p.cfg
+    broker = None
+    url = cfg.broker
+    if url == "auto":
+        broker = start_broker("auto")
+        url = broker.url
+    elif not url.startswith(("mqtt://", "mqtts://")):
+        raise ConfigError(f"--broker must be 'auto' or mqtt://host:port, got {url!r}")
+    n = p.partition.num_clients
+    workers = cfg.workers or max(1, min(os.cpu_count() or 1, n))
+    groups = [list(range(n))[w::workers] for w in range(workers)]
+    ctx = mp.get_context("spawn")  # no fork after torch and paho threads exist
+    stop = ctx.Event()
+    ready = ctx.Semaphore(0)
+    worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None}).model_dump_json()
+    procs = [ctx.Process(target=_worker, args=(worker_cfg, url, g, ready, stop), daemon=True) for g in groups if g]
+    transport = None
+    try:
+        for proc in procs:
+            proc.start()
+        transport = MqttTransport(url, f"{FLEET}-coordinator")
+        if not transport.wait_connected(30):
+            raise ConfigError(f"cannot connect to the MQTT broker at {url}")
+        deadline_at = time.monotonic() + 300
+        for _ in procs:
+            if not ready.acquire(timeout=max(1.0, deadline_at - time.monotonic())):
+                dead = [pr.pid for pr in procs if not pr.is_alive()]
+                raise RuntimeError(f"agent workers did not start (dead: {dead})")
+        return run_coordinator(p, transport, on_round, on_start, started, registration_timeout=120)
+    finally:
+        stop.set()
+        if transport is not None:
+            transport.close()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+        if broker is not None:
+            broker.stop()
+
