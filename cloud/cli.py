@@ -27,11 +27,19 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 
-def _mount_subcommands() -> None:
-    from cloud.cli_data import data_app
+SUBCOMMANDS = (
+    ("cloud.cli_data", "data_app", "data", "Partition datasets among clients and inspect partitions."),
+    ("cloud.cli_cloud", "cloud_app", "cloud", "The coordinator service: serve a fleet, read its status."),
+    ("cloud.cli_bench", "bench_app", "bench", "Benchmarks: kernels against their named baselines."),
+    ("cloud.cli_deploy", "deploy_app", "deploy", "Broker security: TLS certificates, password file, ACL."),
+)
 
-    app.add_typer(data_app, name="data", help="Partition datasets among clients and inspect partitions.")
-    from cloud.cli_bench import bench_app; app.add_typer(bench_app, name="bench", help="Kernel micro-benchmarks.")  # noqa: E702, I001
+
+def _mount_subcommands() -> None:
+    import importlib
+
+    for module, attr, name, help_text in SUBCOMMANDS:
+        app.add_typer(getattr(importlib.import_module(module), attr), name=name, help=help_text)
 
 
 def fail(message: str) -> None:
@@ -250,10 +258,7 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders written by 
     console.print(table)
 
 
-try:
-    _mount_subcommands()
-except ImportError:  # pragma: no cover
-    pass
+_mount_subcommands()
 
 
 def main() -> None:

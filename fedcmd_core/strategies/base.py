@@ -25,7 +25,6 @@ from fedcmd_core.models import is_bn_statistic, layer_of
 from fedcmd_core.params import Arrays, load_arrays, model_arrays, weighted_average
 from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
 
-
 _NOT_STATE = ("params", "ctx", "pending")
 
 

@@ -1,0 +1,69 @@
+"""``fedcmd cloud serve|status``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+cloud_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@cloud_app.command()
+def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker, fleet, rounds, [run] spec")) -> None:
+    """Run (or resume from its checkpoint) a federated training over an MQTT fleet."""
+    from cloud.config import ConfigError
+    from cloud.serve import load_serve_config
+    from cloud.serve import serve as run_service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        records = run_service(load_serve_config(config))
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    console.print(f"finished {len(records)} rounds")
+
+
+@cloud_app.command()
+def status(
+    broker: str = typer.Option(..., "--broker", help="mqtt://host:port"),
+    fleet: str = typer.Option("default", "--fleet"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the retained status"),
+) -> None:
+    """Print the coordinator's retained status."""
+    from protocols.mqtt import MqttTransport
+
+    from protocols.topics import status_topic
+
+    transport = MqttTransport(broker, f"{fleet}-status-reader")
+    if not transport.wait_connected(timeout):
+        _fail(f"cannot connect to the MQTT broker at {broker}")
+    got: dict = {}
+    transport.subscribe(status_topic(fleet), lambda t, p: got.update(json.loads(p)))
+    transport.run_until(lambda: bool(got), timeout)
+    transport.close()
+    if not got:
+        _fail(f"no coordinator status for fleet {fleet!r} on {broker}")
+    table = Table(title=f"fleet {fleet}")
+    table.add_column("field")
+    table.add_column("value")
+    for key in ("state", "next_round", "global_epoch", "online", "rejected"):
+        table.add_row(key, str(got.get(key)))
+    last = got.get("last_round") or {}
+    for key, value in last.items():
+        table.add_row(f"last round {key}", str(value))
+    run = got.get("run") or {}
+    table.add_row("algorithm", f"{run.get('algo')} {run.get('hp') or ''}")
+    console.print(table)
