@@ -120,8 +120,8 @@ def _write_results(cfg: ServeConfig, records: list[RoundRecord], final: dict, su
         w = csv.writer(f)
         w.writerow(["round", "phase", "sampled", "answered", "test_before_acc", "test_after_acc", "seconds"])
         for r in records:
-            w.writerow([r.round + 1, r.phase, len(r.clients), len(r.answered), r.metrics.get("test_before_acc", ""),
-                        r.metrics.get("test_after_acc", ""), f"{r.seconds:.3f}"])
+            w.writerow([r.round + 1, r.phase, " ".join(map(str, r.clients)), " ".join(map(str, r.answered)),
+                        r.metrics.get("test_before_acc", ""), r.metrics.get("test_after_acc", ""), f"{r.seconds:.3f}"])
     accs = [r.metrics["test_before_acc"] for r in records[-10:] if "test_before_acc" in r.metrics]
     (cfg.out / "summary.json").write_text(json.dumps({
         "fleet": cfg.fleet, "algo": cfg.run.algo, "rounds": len(records),
