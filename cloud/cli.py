@@ -99,7 +99,7 @@ def simulate(
     save_model: Optional[int] = typer.Option(None, "--save-model", "--save_model"),
     save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
     save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: one per core)"),
     transport: Optional[str] = typer.Option(
         None, "--transport", help="memory (one process) or mqtt (real MQTT agents in worker processes)"
     ),

@@ -67,7 +67,7 @@ class RunConfig(BaseModel):
     workers: int = Field(0, ge=0, description="agent worker processes for --transport mqtt (0: one per core)")
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
-    threads: int = Field(1, ge=1, description="torch intra-op threads (1 is fastest for small models)")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's, one per core)")
     out: Path | None = None
     # hyper-parameters of the chosen algorithm, validated by its own Params model
     hp: dict[str, Any] = Field(default_factory=dict)

@@ -76,7 +76,8 @@ def run_mqtt_simulation(
     ctx = mp.get_context("spawn")  # no fork after torch and paho threads exist
     stop = ctx.Event()
     ready = ctx.Semaphore(0)
-    worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None}).model_dump_json()
+    # one torch thread per worker: the agents of a worker already train in parallel threads
+    worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None, "threads": 1}).model_dump_json()
     procs = [ctx.Process(target=_worker, args=(worker_cfg, url, g, ready, stop), daemon=True) for g in groups if g]
     transport = None
     try:
