@@ -22,7 +22,7 @@ using namespace simd;
 
 constexpr int kMaxR = 5;                   // 2*R accumulators + 2 inputs + 1 broadcast <= 16 AVX2 registers
 constexpr int64_t kGroup = 8;              // buffers streamed together: few enough for the hardware prefetcher
-constexpr int64_t kOutBlockBytes = 96 << 10;  // the K output rows of one column block: stays in L2
+constexpr int64_t kBlockBytes = 128 << 10;  // one block: K accumulator rows + a staged group, in L2
 constexpr int64_t kParallelMin = 1 << 21;  // multiply-adds (K * N * P) below which one thread is safer
 
 template <class T>
@@ -75,26 +75,27 @@ inline T sload(const void* base, Kind kd, int64_t i) {
   }
 }
 
-// out rows k0..k0+R-1, columns [0, len) of the block: rows[j] point at the block's first element.
+// R output rows over the whole block, for a group of g rows xr[j] stored as KD (converted to T as they
+// are loaded, so float16/bfloat16 need no staging copy): a register tile of
+// R rows x 2 vectors per column step, initialised from the scratch rows acc[r * S + c] (or zero for
+// the first group) and stored back once per group.
 template <class T, Kind KD, int R>
-void tile(const T* Wt, int64_t K, int64_t k0, const void* const* rows, int64_t N, int64_t len, T* out, int64_t P,
-          bool accumulate) {
+__attribute__((noinline)) void tile(const T* Wt, int64_t K, int64_t k0, const void* const* xr, int64_t g,
+                                    int64_t whole, T* acc, int64_t S, bool first) {
   using V = typename Lanes<T>::V;
   constexpr int L = Lanes<T>::n;
-  int64_t c = 0;
-  for (; c + 2 * L <= len; c += 2 * L) {
+  for (int64_t c = 0; c < whole; c += 2 * L) {
     V a0[R], a1[R];
-    if (accumulate) {
-      for (int r = 0; r < R; ++r) {
-        a0[r] = loadu<V>(out + (k0 + r) * P + c);
-        a1[r] = loadu<V>(out + (k0 + r) * P + c + L);
-      }
-    } else {
+    if (first) {
       for (int r = 0; r < R; ++r) a0[r] = a1[r] = V{};
+    } else {
+      for (int r = 0; r < R; ++r) {
+        a0[r] = loadu<V>(acc + (k0 + r) * S + c);
+        a1[r] = loadu<V>(acc + (k0 + r) * S + c + L);
+      }
     }
-    for (int64_t j = 0; j < N; ++j) {
-      const void* row = rows[j];
-      const V x0 = vload<T, KD>(row, c), x1 = vload<T, KD>(row, c + L);
+    for (int64_t j = 0; j < g; ++j) {
+      const V x0 = vload<T, KD>(xr[j], c), x1 = vload<T, KD>(xr[j], c + L);
       const T* w = Wt + j * K + k0;
       for (int r = 0; r < R; ++r) {
         a0[r] += w[r] * x0;
@@ -102,45 +103,103 @@ void tile(const T* Wt, int64_t K, int64_t k0, const void* const* rows, int64_t N
       }
     }
     for (int r = 0; r < R; ++r) {
-      storeu(out + (k0 + r) * P + c, a0[r]);
-      storeu(out + (k0 + r) * P + c + L, a1[r]);
+      storeu(acc + (k0 + r) * S + c, a0[r]);
+      storeu(acc + (k0 + r) * S + c + L, a1[r]);
     }
-  }
-  for (; c < len; ++c) {  // ragged tail of the block
-    T acc[R] = {};
-    if (accumulate)
-      for (int r = 0; r < R; ++r) acc[r] = out[(k0 + r) * P + c];
-    for (int64_t j = 0; j < N; ++j) {
-      const T x = sload<T>(rows[j], KD, c);
-      for (int r = 0; r < R; ++r) acc[r] += Wt[j * K + k0 + r] * x;
-    }
-    for (int r = 0; r < R; ++r) out[(k0 + r) * P + c] = acc[r];
   }
 }
 
+// Copy (and widen) elements [0, len) of a buffer stored as KD into dst, as T; the vector body
+// handles whole steps, the tail goes one element at a time.
 template <class T, Kind KD>
-void block_rows(const T* Wt, int64_t K, const void* const* rows, int64_t N, int64_t len, T* out, int64_t P,
-                bool acc) {
-  // Row tiles of balanced size <= kMaxR (K = 10 -> 5 + 5); the later tiles find the group's
-  // columns in L1/L2.
-  const int64_t tiles = (K + kMaxR - 1) / kMaxR;
-  int64_t k0 = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t R = (K - k0 + (tiles - t) - 1) / (tiles - t);
-    switch (R) {
-      case 1: tile<T, KD, 1>(Wt, K, k0, rows, N, len, out, P, acc); break;
-      case 2: tile<T, KD, 2>(Wt, K, k0, rows, N, len, out, P, acc); break;
-      case 3: tile<T, KD, 3>(Wt, K, k0, rows, N, len, out, P, acc); break;
-      case 4: tile<T, KD, 4>(Wt, K, k0, rows, N, len, out, P, acc); break;
-      default: tile<T, KD, 5>(Wt, K, k0, rows, N, len, out, P, acc); break;
-    }
-    k0 += R;
+inline void stage_row(const void* src, int64_t len, T* dst) {
+  constexpr int L = Lanes<T>::n;
+  int64_t c = 0;
+  for (; c + L <= len; c += L) storeu(dst + c, vload<T, KD>(src, c));
+  for (; c < len; ++c) dst[c] = sload<T>(src, KD, c);
+}
+
+template <class T, Kind KD>
+inline void tiles_of(int64_t R, const T* Wt, int64_t K, int64_t k0, const void* const* xr, int64_t g, int64_t whole,
+                     T* acc, int64_t S, bool first) {
+  switch (R) {
+    case 1: tile<T, KD, 1>(Wt, K, k0, xr, g, whole, acc, S, first); break;
+    case 2: tile<T, KD, 2>(Wt, K, k0, xr, g, whole, acc, S, first); break;
+    case 3: tile<T, KD, 3>(Wt, K, k0, xr, g, whole, acc, S, first); break;
+    case 4: tile<T, KD, 4>(Wt, K, k0, xr, g, whole, acc, S, first); break;
+    default: tile<T, KD, 5>(Wt, K, k0, xr, g, whole, acc, S, first); break;
   }
 }
 
 template <class T>
-constexpr Kind native_kind() {
+constexpr Kind own_kind() {
   return std::is_same_v<T, float> ? Kind::F32 : Kind::F64;
+}
+
+template <class T>
+inline void stage_any(const Buffer& b, int64_t p0, int64_t len, T* dst) {
+  const char* src = static_cast<const char*>(b.data) + p0 * static_cast<int64_t>(kind_size(b.kind));
+  switch (b.kind) {
+    case Kind::F16: stage_row<T, Kind::F16>(src, len, dst); break;
+    case Kind::BF16: stage_row<T, Kind::BF16>(src, len, dst); break;
+    case Kind::F32: stage_row<T, Kind::F32>(src, len, dst); break;
+    default: stage_row<T, Kind::F64>(src, len, dst); break;
+  }
+}
+
+// One block of columns [p0, p0 + len) of all K outputs. Per group of kGroup buffers, their slices are
+// first staged into xs (converted to T once, whatever the storage), then every row tile runs over
+// them. Everything the FMAs touch (xs, the K accumulator rows) is a small padded L1-resident scratch:
+// the buffers themselves come from separate page-aligned allocations and the output rows are P
+// elements apart, so read in place they fall into the same few cache sets, which measured 2-5x slower.
+template <class T>
+void block(const T* Wt, int64_t K, int64_t N, const Buffer* bufs, int64_t p0, int64_t len, int64_t P, T* out,
+           T* xs, int64_t XS, T* acc, int64_t S) {
+  constexpr int L = Lanes<T>::n;
+  const int64_t tiles = (K + kMaxR - 1) / kMaxR;  // balanced row tiles: K = 10 -> 5 + 5
+  std::vector<int64_t> k0s(static_cast<size_t>(tiles)), Rs(static_cast<size_t>(tiles));
+  for (int64_t t = 0, k0 = 0; t < tiles; ++t) {
+    Rs[t] = (K - k0 + (tiles - t) - 1) / (tiles - t);
+    k0s[t] = k0;
+    k0 += Rs[t];
+  }
+  const int64_t whole = len / (2 * L) * (2 * L);
+  for (int64_t j0 = 0; j0 < N; j0 += kGroup) {
+    const int64_t g = std::min(kGroup, N - j0);
+    bool uniform = true;
+    for (int64_t j = 1; j < g; ++j) uniform &= bufs[j0 + j].kind == bufs[j0].kind;
+    // One storage kind in the group (the usual case): read in place. Mixed kinds, or float64 into a
+    // float32 sum: stage the group as T first, so the tile is always specialised on one kind.
+    const Kind kd = uniform && !(std::is_same_v<T, float> && bufs[j0].kind == Kind::F64) ? bufs[j0].kind : own_kind<T>();
+    const void* xr[kGroup];
+    for (int64_t j = 0; j < g; ++j) {
+      const Buffer& b = bufs[j0 + j];
+      if (b.kind == kd) {
+        xr[j] = static_cast<const char*>(b.data) + p0 * static_cast<int64_t>(kind_size(kd));
+      } else {
+        stage_any(b, p0, len, xs + j * XS);
+        xr[j] = xs + j * XS;
+      }
+    }
+    const T* w = Wt + j0 * K;
+    const bool first = j0 == 0;
+    for (int64_t t = 0; t < tiles; ++t) {  // the group's lines stay in L1/L2 across the tiles
+      switch (kd) {
+        case Kind::F16: tiles_of<T, Kind::F16>(Rs[t], w, K, k0s[t], xr, g, whole, acc, S, first); break;
+        case Kind::BF16: tiles_of<T, Kind::BF16>(Rs[t], w, K, k0s[t], xr, g, whole, acc, S, first); break;
+        case Kind::F32: tiles_of<T, Kind::F32>(Rs[t], w, K, k0s[t], xr, g, whole, acc, S, first); break;
+        default: tiles_of<T, Kind::F64>(Rs[t], w, K, k0s[t], xr, g, whole, acc, S, first); break;
+      }
+    }
+    for (int64_t c = whole; c < len; ++c) {  // ragged tail of the block
+      for (int64_t k = 0; k < K; ++k) {
+        T a = first ? T(0) : acc[k * S + c];
+        for (int64_t j = 0; j < g; ++j) a += w[j * K + k] * sload<T>(xr[j], kd, c);
+        acc[k * S + c] = a;
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) std::copy(acc + k * S, acc + k * S + len, out + k * P + p0);
 }
 
 template <class T>
@@ -149,50 +208,22 @@ void aggregate(const double* W, int64_t K, int64_t N, const Buffer* bufs, int64_
   std::vector<T> Wt(static_cast<size_t>(N * K));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t j = 0; j < N; ++j) Wt[j * K + k] = static_cast<T>(W[k * N + j]);
-
-  bool uniform = true;
-  for (int64_t j = 1; j < N; ++j) uniform &= bufs[j].kind == bufs[0].kind;
-  // Mixed storage (or float64 buffers into a float32 sum) goes through a per-block staging copy in
-  // T, so the hot loop is always specialised on one storage kind.
-  const Kind kd = uniform && !(std::is_same_v<T, float> && bufs[0].kind == Kind::F64) ? bufs[0].kind : native_kind<T>();
-  const bool staged = kd != bufs[0].kind || !uniform;
+  // Block width: the K accumulator rows and one staged group fit in L2 (a software prefetch of the
+  // next block and smaller, L1-sized blocks both measured slower: long runs suit the prefetcher).
   constexpr int L2 = 2 * Lanes<T>::n;
-  int64_t Pb = kOutBlockBytes / (K * static_cast<int64_t>(sizeof(T)));
-  Pb = std::clamp<int64_t>(Pb / L2 * L2, 16 * L2, 8192);
+  int64_t Pb = kBlockBytes / ((K + kGroup) * static_cast<int64_t>(sizeof(T)));
+  Pb = std::clamp<int64_t>(Pb / L2 * L2, 4 * L2, 8192);
   Pb = std::min(Pb, P);
+  const int64_t S = Pb + 2 * L2, XS = Pb + L2;  // padded strides: consecutive rows in different sets
   const int64_t blocks = (P + Pb - 1) / Pb;
 
 #pragma omp parallel if (K * N * P >= kParallelMin && blocks > 1)
   {
-    std::vector<const void*> rows(static_cast<size_t>(N));
-    std::vector<T> scratch(staged ? static_cast<size_t>(N * Pb) : 0);
-#pragma omp for schedule(dynamic, 4)
+    std::vector<T> xs(static_cast<size_t>(kGroup * XS)), acc(static_cast<size_t>(K * S));
+#pragma omp for schedule(dynamic, 16)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t p0 = b * Pb, len = std::min(Pb, P - p0);
-      for (int64_t j = 0; j < N; ++j) {
-        const Buffer& buf = bufs[j];
-        const char* base = static_cast<const char*>(buf.data) + p0 * static_cast<int64_t>(kind_size(buf.kind));
-        if (staged && buf.kind != kd) {
-          T* dst = scratch.data() + j * Pb;
-          for (int64_t c = 0; c < len; ++c) dst[c] = sload<T>(base, buf.kind, c);
-          rows[j] = dst;
-        } else {
-          rows[j] = base;
-        }
-      }
-      T* o = out + p0;
-      for (int64_t j0 = 0; j0 < N; j0 += kGroup) {
-        const int64_t g = std::min(kGroup, N - j0);
-        const T* w = Wt.data() + j0 * K;
-        const void* const* rr = rows.data() + j0;
-        const bool acc = j0 > 0;
-        switch (kd) {
-          case Kind::F16: block_rows<T, Kind::F16>(w, K, rr, g, len, o, P, acc); break;
-          case Kind::BF16: block_rows<T, Kind::BF16>(w, K, rr, g, len, o, P, acc); break;
-          case Kind::F32: block_rows<T, Kind::F32>(w, K, rr, g, len, o, P, acc); break;
-          default: block_rows<T, Kind::F64>(w, K, rr, g, len, o, P, acc); break;
-        }
-      }
+      const int64_t p0 = b * Pb;
+      block(Wt.data(), K, N, bufs, p0, std::min(Pb, P - p0), P, out, xs.data(), XS, acc.data(), S);
     }
   }
 }
