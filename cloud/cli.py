@@ -107,6 +107,9 @@ def simulate(
         None, "--broker", help="with --transport mqtt: auto (private local broker) or mqtt://host:port"
     ),
     workers: Optional[int] = typer.Option(None, "--workers", help="agent worker processes (default: cores)"),
+    update_codec: Optional[str] = typer.Option(
+        None, "--update-codec", help="none, fp16 or int8: how devices encode their updates"
+    ),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="coordinator checkpoint written after every round; an existing one is resumed"
     ),

@@ -64,6 +64,7 @@ class RunConfig(BaseModel):
     # runtime
     transport: Literal["memory", "mqtt"] = "memory"
     broker: str = Field("auto", description="'auto' (private mosquitto, else embedded amqtt) or mqtt://host:port")
+    update_codec: Literal["none", "fp16", "int8"] = Field("none", description="quantisation of device updates")
     workers: int = Field(0, ge=0, description="agent worker processes for --transport mqtt (0: one per core)")
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")

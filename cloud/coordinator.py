@@ -37,6 +37,7 @@ class RoundSettings:
     min_clients: int = 1  # fewer answers than this and the round is not aggregated
     test_gap: int = 0  # evaluate every client every test_gap rounds (0: only at the end)
     track_presence: bool = False  # sample only clients whose retained presence says online
+    update_codec: str = "none"  # how devices encode their updates: none, fp16, int8
 
 
 @dataclass
@@ -190,6 +191,8 @@ class Coordinator:
                 task = self.strategy.task_for(rnd, cid, "fit" if kind == "fit" else "evaluate")
                 if kind == "fit":
                     task.config = {**task.config, "local_epoch": self._local_epoch(cid)}
+                    if self.s.update_codec != "none":
+                        task.config["update_codec"] = self.s.update_codec
                 down += self._send(rnd, cid, task)
             self.transport.run_until(lambda g=group: all(c in self.inbox for c in g), self.s.deadline)
             for cid in group:

@@ -30,6 +30,7 @@ def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> 
     import json
 
     import torch
+
     from protocols.mqtt import MqttTransport
 
     torch.set_num_threads(1)
@@ -59,13 +60,14 @@ def run_mqtt_simulation(
     on_start: Callable[[int], None] | None = None,
     started: float | None = None,
 ) -> SimulationResult:
-    from protocols.broker import start_broker
     from protocols.mqtt import MqttTransport
 
     cfg = p.cfg
     broker = None
     url = cfg.broker
     if url == "auto":
+        from protocols.broker import start_broker
+
         broker = start_broker("auto")
         url = broker.url
     elif not url.startswith(("mqtt://", "mqtts://")):

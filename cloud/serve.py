@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -47,6 +47,7 @@ class ServeConfig(BaseModel):
     straggler_ratio: float = Field(0.0, ge=0, le=1)
     straggler_min_local_epoch: int = Field(1, ge=0)
     test_gap: int = Field(0, ge=0)
+    update_codec: Literal["none", "fp16", "int8"] = "none"
     run: RunSpec
 
 
@@ -92,6 +93,7 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
         min_clients=cfg.min_clients,
         test_gap=cfg.test_gap,
         track_presence=True,
+        update_codec=cfg.update_codec,
     )
     try:
         coordinator = Coordinator(transport, server, cfg.fleet, settings, cfg.checkpoint,

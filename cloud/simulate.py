@@ -207,6 +207,7 @@ def run_coordinator(
         test_gap=cfg.test_gap,
         track_presence=True,
         deadline=deadline,
+        update_codec=cfg.update_codec,
     )
     try:
         coordinator = Coordinator(transport, p.server, FLEET, settings, checkpoint=cfg.checkpoint)

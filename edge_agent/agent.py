@@ -72,4 +72,5 @@ class Agent:
             num_samples=update.num_samples,
             payload={"metrics": update.metrics, "info": update.info},
         )
-        return encode(header, update.arrays)
+        # The coordinator chooses how updates travel (fp16/int8 quantisation halves/quarters the bytes).
+        return encode(header, update.arrays, codec=task.config.get("update_codec", "none"))
