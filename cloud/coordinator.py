@@ -38,6 +38,7 @@ class RoundSettings:
     test_gap: int = 0  # evaluate every client every test_gap rounds (0: only at the end)
     track_presence: bool = False  # sample only clients whose retained presence says online
     update_codec: str = "none"  # how devices encode their updates: none, fp16, int8
+    max_update_bytes: int = 512 * 2**20  # larger updates are rejected before decoding
 
 
 @dataclass
@@ -150,7 +151,25 @@ class Coordinator:
         else:
             self.online.discard(cid)
 
+    def _check_arrays(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why these arrays cannot come from a device running this model (None when they can).
+        Keys are model entries, optionally behind a strategy prefix (``delta::fc2.0.weight``)."""
+        initial = self.strategy.ctx.spec.initial
+        for key, value in arrays.items():
+            name = key.rsplit("::", 1)[-1]
+            ref = initial.get(name)
+            if ref is None:
+                return f"unknown tensor {key!r}"
+            if value.size != ref.size or (value.shape != ref.shape and value.ndim and ref.ndim):
+                return f"{key}: shape {value.shape}, expected {ref.shape}"
+            if np.issubdtype(ref.dtype, np.floating) != np.issubdtype(value.dtype, np.floating):
+                return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
+        return None
+
     def _on_update(self, topic: str, payload: bytes) -> None:
+        if len(payload) > self.s.max_update_bytes:
+            self._reject("oversized", f"{len(payload)} bytes on {topic} > {self.s.max_update_bytes}")
+            return
         try:
             header, arrays = decode(payload)
         except DecodeError as e:
@@ -170,6 +189,10 @@ class Coordinator:
             return
         if header.client in self.inbox:
             self._reject("duplicate", f"client {header.client} round {header.round}")
+            return
+        problem = self._check_arrays(arrays)
+        if problem is not None:
+            self._reject("bad_tensors", f"client {header.client}: {problem}")
             return
         bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
         if bad:

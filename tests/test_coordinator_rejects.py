@@ -1,0 +1,60 @@
+"""Every bad update is rejected with a reason and a counter, never reaching the aggregate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cloud.coordinator import Coordinator, RoundSettings
+from fedcmd_core.runspec import RunSpec, build_server
+from protocols.codec import Header, encode
+from protocols.memory import MemoryTransport
+from protocols.topics import update_topic
+
+
+@pytest.fixture
+def coordinator() -> Coordinator:
+    spec = RunSpec(algo="fedavg", input_shape=(1, 28, 28), num_classes=10, num_clients=4, global_epoch=2)
+    settings = RoundSettings(num_clients=4, global_epoch=2, join_ratio=0.5, seed=0, local_epoch=1,
+                             max_update_bytes=2_000_000)
+    c = Coordinator(MemoryTransport(), build_server(spec), "f", settings)
+    c.current_round, c.expected, c.inbox = 0, {1, 2}, {}
+    return c
+
+
+def _good(c: Coordinator) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in c.strategy.ctx.spec.initial.items() if k.startswith("fc2")}
+
+
+def _send(c: Coordinator, topic_client: int, header: Header, arrays: dict | None, raw: bytes | None = None) -> None:
+    c.transport.publish(update_topic("f", topic_client), raw if raw is not None else encode(header, arrays))
+    c.transport.run_until(lambda: False)
+
+
+def test_each_bad_update_gets_its_reason(coordinator: Coordinator) -> None:
+    c = coordinator
+    h = Header(type="update", fleet="f", round=0, client=1, num_samples=5)
+    good = _good(c)
+    _send(c, 1, h, None, raw=b"\x00\x01junk")
+    _send(c, 1, h.model_copy(update={"fleet": "other"}), good)
+    _send(c, 2, h, good)  # client 1's update published on client 2's topic
+    _send(c, 1, h.model_copy(update={"round": 1}), good)
+    _send(c, 3, h.model_copy(update={"client": 3}), good)
+    _send(c, 1, h, {"fc9.weight": np.zeros(3, dtype=np.float32)})
+    _send(c, 1, h, {"fc2.0.weight": np.zeros((3, 3), dtype=np.float32)})
+    _send(c, 1, h, {"fc2.0.weight": good["fc2.0.weight"].astype(np.int32)})
+    nan = {k: v.copy() for k, v in good.items()}
+    nan["fc2.0.bias"][0] = np.nan
+    _send(c, 1, h, nan)
+    _send(c, 1, h, None, raw=b"x" * 2_000_001)
+    assert c.inbox == {}
+    assert dict(c.rejected) == {
+        "malformed": 1, "wrong_fleet": 1, "spoofed_client": 1, "wrong_round": 1, "unexpected_client": 1,
+        "bad_tensors": 3, "non_finite": 1, "oversized": 1,
+    }
+    _send(c, 1, h, good)
+    _send(c, 1, h, good)
+    assert set(c.inbox) == {1} and c.rejected["duplicate"] == 1
+    delta = {"delta::fc2.0.bias": good["fc2.0.bias"]}
+    _send(c, 2, h.model_copy(update={"client": 2}), delta)  # strategy prefixes name model entries
+    assert set(c.inbox) == {1, 2}
