@@ -233,8 +233,10 @@ class Coordinator:
         start = time.perf_counter()
         cids = self.sample()
         self.strategy.begin_round(rnd, cids)
+        aggregate_seconds = time.perf_counter() - start
         self.bytes_up = 0
         answered, down = self._collect(rnd, cids, "fit", self.strategy.sequential(rnd))
+        agg_start = time.perf_counter()
         if len(answered) < self.s.min_clients:
             log.warning("round %d: %d of %d clients answered, below min_clients=%d: not aggregated",
                         rnd + 1, len(answered), len(cids), self.s.min_clients)
@@ -243,7 +245,12 @@ class Coordinator:
         else:
             facts = self.strategy.end_round(rnd, answered)
             log.info("round %d: aggregated %d of %d clients", rnd + 1, len(answered), len(cids))
+        aggregate_seconds += time.perf_counter() - agg_start
         metrics = pooled([self.inbox[c] for c in answered if c in self.inbox])
+        fit = [self.inbox[c].metrics.get("fit_seconds", 0.0) for c in answered if c in self.inbox]
+        facts["aggregate_seconds"] = aggregate_seconds
+        facts["fit_seconds_max"] = max(fit, default=0.0)
+        facts["fit_seconds_sum"] = sum(fit)
         up = self.bytes_up
         if self.s.test_gap and (rnd + 1) % self.s.test_gap == 0 and rnd + 1 < self.s.global_epoch:
             metrics.update({f"all_{k}": v for k, v in self.evaluate_all(rnd).items()})

@@ -59,6 +59,7 @@ def run_mqtt_simulation(
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     started: float | None = None,
+    stats_out: dict[str, Any] | None = None,
 ) -> SimulationResult:
     from protocols.mqtt import MqttTransport
 
@@ -93,7 +94,15 @@ def run_mqtt_simulation(
             if not ready.acquire(timeout=max(1.0, deadline_at - time.monotonic())):
                 dead = [pr.pid for pr in procs if not pr.is_alive()]
                 raise RuntimeError(f"agent workers did not start (dead: {dead})")
-        return run_coordinator(p, transport, on_round, on_start, started, registration_timeout=120)
+        result = run_coordinator(p, transport, on_round, on_start, started, registration_timeout=120)
+        if stats_out is not None:
+            rounds = max(1, len(result.records))
+            stats_out.update(
+                workers=len(procs),
+                messages_per_round=(transport.stats["messages_out"] + transport.stats["messages_in"]) / rounds,
+                chunks_per_round=(transport.stats["chunks_out"] + transport.stats["chunks_in"]) / rounds,
+            )
+        return result
     finally:
         stop.set()
         if transport is not None:

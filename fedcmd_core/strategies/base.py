@@ -11,6 +11,7 @@ so "what stays local" is simply "what the cloud never sends".
 
 from __future__ import annotations
 
+import time
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -237,7 +238,9 @@ class ClientStrategy:
         self._load(task)
         generator = self._generator(task)
         metrics = self._evaluate("before")
+        started = time.perf_counter()
         self.local_train(task, generator)
+        metrics["fit_seconds"] = time.perf_counter() - started
         metrics.update(self._evaluate("after"))
         arrays, info = self.upload(task, task.arrays)
         self.state.update(model_arrays(self.ctx.model))
