@@ -40,7 +40,7 @@ def run(
     root: Optional[Path] = typer.Option(None, "--root", help="folder of torchvision-format datasets"),
     state_dir: Path = typer.Option(..., "--state-dir", help="personal layers, BN statistics, optimiser state"),
     fleet: str = typer.Option("default", "--fleet", help="fleet name (topic prefix fedcmd/<fleet>/)"),
-    username: Optional[str] = typer.Option(None, "--username", help="MQTT username"),
+    username: Optional[str] = typer.Option(None, "--username", help="MQTT username (default with a password: the id)"),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="file holding the MQTT password"),
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (TLS)"),
     cert: Optional[Path] = typer.Option(None, "--cert", help="client certificate (TLS)"),
@@ -61,6 +61,8 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(threads)
     password = password_file.read_text().strip() if password_file else None
+    if password is not None and username is None:
+        username = str(client_id)  # the ACL convention of `fedcmd deploy`: a device's username is its id
     tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
     try:
         ds = load_dataset(dataset, root=root)
