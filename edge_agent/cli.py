@@ -50,12 +50,12 @@ def run(
 ) -> None:
     """Connect, wait for the coordinator's run description, then answer tasks until stopped (SIGTERM)."""
     import torch
-    from protocols.mqtt import MqttTransport, TlsConfig
 
     from edge_agent.agent import Agent
     from fedcmd_core.data import DataError, Partition, load_dataset
     from fedcmd_core.runspec import RunSpec, build_client
     from fedcmd_core.strategies import ClientData
+    from protocols.mqtt import MqttTransport, TlsConfig
     from protocols.topics import presence_topic, status_topic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
