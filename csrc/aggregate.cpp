@@ -1,13 +1,18 @@
 // Weighted aggregation out[K, P] = W[K, N] @ buffers: N separate client buffers, one pass over each.
 //
 // Each input element is read from memory once and each output written once (no stacking copy).
-// The columns are cut into blocks whose K output rows fit in L2; OpenMP hands the blocks to the
-// threads in small dynamic chunks (contiguous runs, and robust to a busy core). Inside a block the
-// buffers are taken kGroup at a time, as kGroup sequential streams: with all N buffers interleaved
-// (100 streams) the hardware prefetcher gives up and streaming ran at half speed (measured). A
-// register tile of R output rows x 2 vectors accumulates a group; the first group initialises the
-// outputs, the others add to them. At K = 10 this is as much FMA work as memory traffic on AVX2
-// (1 G FMA for 100 x 1M), which is why float16 storage gains less than the bytes it saves.
+// The columns are cut into blocks; OpenMP hands the blocks to the threads in small dynamic chunks
+// (contiguous runs, and robust to a busy core). Inside a block:
+// - the buffers are taken kGroup at a time, as kGroup sequential streams read in place (float16 /
+//   bfloat16 widened as they are loaded): with all N buffers interleaved (100 streams) the hardware
+//   prefetcher gave up and streaming ran at half speed (measured);
+// - a register tile of R output rows x 2 vectors accumulates a group into a per-thread scratch
+//   [K, block] with padded rows, copied to the output once per block. Accumulating in the output
+//   itself was 1.6x slower at K = 10: its rows are P elements apart (4 MiB for 1M parameters), so
+//   every row's column c falls into the same cache set and ten of them overflow the 8 ways;
+// - a group of mixed storage kinds (or float64 into a float32 sum) is first staged as T.
+// At K = 10 this is as much FMA work as memory traffic on AVX2 (1 G FMA for 100 x 1M), which is why
+// float16 storage gains less than the bytes it saves; at K = 1 (FedAvg) it is purely memory-bound.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
