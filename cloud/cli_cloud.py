@@ -44,7 +44,6 @@ def status(
 ) -> None:
     """Print the coordinator's retained status."""
     from protocols.mqtt import MqttTransport
-
     from protocols.topics import status_topic
 
     transport = MqttTransport(broker, f"{fleet}-status-reader")
