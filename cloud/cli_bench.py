@@ -314,8 +314,16 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
         fallback_bf = best_ms(lambda: fallback.weighted_aggregate(W, [t.float().numpy() for t in tb], np.float32),
                               repeat)
         torch_bf = best_ms(lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb), repeat)
+        # K = 1 (FedAvg): 1 multiply-add per element read, memory-bound, where storage width shows
+        W1 = W[:1]
+        native32_k1 = nat("weighted_aggregate", W1, bufs, np.float32)
+        native16_k1 = nat("weighted_aggregate", W1, h, np.float32)
+        fallback16_k1 = best_ms(lambda: fallback.weighted_aggregate(W1, h, np.float32), repeat)
     traffic16 = N * P * 2 + out_bytes
+    case1 = f"K=1 (FedAvg), N={N} x {P:,}"
     rep.rows += [
+        Row("weighted_aggregate", case1 + " f16", native16_k1, fallback16_k1, "float32 buffers, same backend",
+            native32_k1 if native32_k1 is not None else fallback32, N * P * 2 + P * 4),
         Row("weighted_aggregate", case + " f16", native16, fallback16, "float32 buffers, same backend",
             native32 if native32 is not None else fallback32, traffic16),
         Row("weighted_aggregate", case + " bf16", native_bf, fallback_bf, "torch bf16 stack + matmul", torch_bf,
@@ -325,12 +333,15 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     x_stack = _ratio(stack_ms, native32)
     x16 = _ratio(native32, native16)
     xbf = _ratio(native32, native_bf)
+    x16_k1 = _ratio(native32_k1, native16_k1)
     rep.targets += [
         Target("aggregate f32: native / (w @ X pre-stacked)", near, "<= 1.10", None if near is None else near <= 1.10),
         Target("aggregate f32: (np.stack + matmul) / native", x_stack, ">= 5x",
                None if x_stack is None else x_stack >= 5),
         Target("aggregate: f32 native / f16 native", x16, ">= 1.6x", None if x16 is None else x16 >= 1.6),
         Target("aggregate: f32 native / bf16 native", xbf, ">= 1.6x", None if xbf is None else xbf >= 1.6),
+        Target("aggregate K=1 (memory-bound): f32 native / f16 native", x16_k1, ">= 1.6x",
+               None if x16_k1 is None else x16_k1 >= 1.6),
     ]
 
 

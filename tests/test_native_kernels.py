@@ -396,6 +396,6 @@ def test_bench_kernels_quick_json():
         assert r["fallback_ms"] > 0 and r["baseline_ms"] > 0
         if native is not None:
             assert r["native_ms"] > 0 and r["vs_fallback"] > 0 and r["vs_baseline"] > 0 and r["native_gbps"] > 0
-    assert len(rep["targets"]) == 7 and all(np.isfinite(t["value"]) for t in rep["targets"] if t["value"] is not None)
+    assert len(rep["targets"]) == 8 and all(np.isfinite(t["value"]) for t in rep["targets"] if t["value"] is not None)
     vote = rep["vote"]
     assert vote["train_ms"] > 0 and vote["vote_ms_per_batch"] > 0 and np.isfinite(vote["overhead_pct"])
