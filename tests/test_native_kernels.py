@@ -158,6 +158,18 @@ def test_sliced_wasserstein_vs_pot(p, weighted):
         np.testing.assert_allclose(native.sliced_wasserstein(X, Y, theta, float(p), a, b), got, **TIGHT)
 
 
+@needs_native
+def test_sliced_wasserstein_parallel_size_native_equals_fallback():
+    # rows * d * L >= 2**20: the threaded projection; 1001 / 700 rows and 37 directions leave ragged tiles
+    rng = np.random.default_rng(11)
+    X, Y = rng.normal(size=(1001, 29)), rng.exponential(size=(700, 29))
+    theta = K.projections(29, 37, 3)
+    w = rng.random(1001)
+    for p, xw in ((2.0, None), (1.0, w)):
+        want = fallback.sliced_wasserstein(X, Y, theta, p, xw)
+        np.testing.assert_allclose(native.sliced_wasserstein(X, Y, theta, p, xw, None), want, **TIGHT)
+
+
 def test_sliced_wasserstein_deterministic_and_torch_input():
     rng = np.random.default_rng(3)
     X, Y = rng.normal(size=(30, 3)), rng.normal(size=(20, 3))
