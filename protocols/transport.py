@@ -9,6 +9,10 @@ from collections.abc import Callable
 Handler = Callable[[str, bytes], None]
 
 
+class TransportError(RuntimeError):
+    """The transport could not do what was asked (broker unreachable, refused, closed); the text says why."""
+
+
 class Transport(ABC):
     @abstractmethod
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:

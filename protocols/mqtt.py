@@ -1,0 +1,516 @@
+"""MQTT transport: paho-mqtt 2.x, MQTT 5 (3.1.1 when the broker only speaks that), QoS 1 for everything.
+
+Same semantics as :class:`protocols.memory.MemoryTransport` for the caller: ``publish`` returns once the
+broker acknowledged the whole message, handlers run inside :meth:`MqttTransport.run_until` on the
+caller's thread. Underneath, paho's network thread reconnects with back-off (1 s doubling to 30 s),
+re-subscribes, and reassembles chunked messages (``protocols/chunking.py``) into a queue.
+
+A clean :meth:`close` does not fire the last will: an agent publishes its "offline" presence itself
+before closing. Each client id must be unique on the broker (a second connection with the same id
+takes the session over and the two would keep kicking each other off).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from protocols.chunking import DEFAULT_LIMIT, ChunkError, Reassembler, split
+from protocols.memory import MemoryTransport
+from protocols.topics import matches
+from protocols.transport import Handler, Transport, TransportError
+
+__all__ = ["BrokerAddress", "MqttTransport", "TlsConfig", "TransportError", "make_transport", "parse_url"]
+
+log = logging.getLogger("fedcmd.mqtt")
+
+Protocol = Literal["auto", "5", "3.1.1"]
+_WINDOW = 16  # chunks of one message in flight before publish waits for the oldest acknowledgement
+_TOPIC_OVERHEAD = 16  # MQTT PUBLISH bytes beside topic and payload: fixed header, packet id, properties
+_IDLE_POLL_S = 0.2  # how often an idle run_until re-checks done() (changed from another thread)
+_EXPIRE_EVERY_S = 1.0
+# CONNACK refusals that retrying cannot fix: fail the constructor at once instead of waiting.
+_FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for ``mqtts://``: the CA that signed the broker's certificate, and optionally this client's
+    certificate and key (mutual TLS)."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+    protocol: Protocol = "auto"
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """``mqtt://[user[:password]@]host[:port][?protocol=5|3.1.1]`` or ``mqtts://...`` (TLS, port 8883).
+
+    The ``protocol`` query pins the MQTT version (``start_broker("amqtt")`` URLs carry ``3.1.1``:
+    amqtt cannot even answer an MQTT 5 CONNECT that has properties)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    protocol = query.pop("protocol", ["auto"])[-1]
+    if parts.path not in ("", "/") or query or parts.fragment or protocol not in ("auto", "5", "3.1.1"):
+        raise ValueError(f"broker URL {url!r}: expected mqtt[s]://host:port with at most ?protocol=5|3.1.1")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return BrokerAddress(parts.hostname, port, tls, user, password, protocol)  # type: ignore[arg-type]
+
+
+class MqttTransport(Transport):
+    """A :class:`~protocols.transport.Transport` over an MQTT broker (see the module docstring).
+
+    ``packet_limit`` bounds every MQTT PUBLISH packet this client sends (topic and envelope included;
+    lowered to the broker's advertised Maximum Packet Size when that is smaller). ``will`` is
+    ``(topic, payload, retain)``, sent by the broker if the connection dies; ``birth`` is published
+    (QoS 1, not awaited) on every (re)connect, e.g. a retained "online" presence that a broker restart
+    without persistence would otherwise lose. ``connect_timeout``: seconds the constructor waits for
+    the first connection (``TransportError`` after that); ``None`` returns at once and keeps trying in
+    the background. ``publish_timeout``: seconds ``publish``/``subscribe`` wait without any
+    acknowledgement from the broker before raising ``TransportError``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsConfig | None = None,
+        packet_limit: int = DEFAULT_LIMIT,
+        will: tuple[str, bytes, bool] | None = None,
+        keepalive: int = 30,
+        reassembly_timeout: float = 60.0,
+        max_message_bytes: int = 512 * 1024 * 1024,
+        connect_timeout: float | None = 10.0,
+        publish_timeout: float = 30.0,
+        birth: tuple[str, bytes, bool] | None = None,
+        protocol: Protocol = "auto",
+        session_expiry: int = 300,
+    ) -> None:
+        address = parse_url(url)
+        if protocol == "auto":
+            protocol = address.protocol
+        if not client_id or len(client_id.encode()) > 65535:
+            raise ValueError("client_id must be a non-empty string")
+        if packet_limit < 512:
+            raise ValueError(f"packet_limit {packet_limit} is too small (at least 512 bytes)")
+        self.url = url
+        self.client_id = client_id
+        self.packet_limit = packet_limit
+        self.publish_timeout = publish_timeout
+        self._host, self._port = address.host, address.port
+        self._username = username if username is not None else address.username
+        self._password = password if password is not None else address.password
+        self._tls = tls
+        self._use_tls = address.tls or tls is not None
+        self._keepalive = keepalive
+        self._session_expiry = session_expiry
+        self._will = self._single_chunk(will, "will")
+        self._birth = self._single_chunk(birth, "birth")
+
+        self.rejected: Counter[str] = Counter()  # why incoming messages were dropped
+        self.stats: Counter[str] = Counter()  # messages/bytes/chunks in and out, connects, disconnects
+        self._reasm = Reassembler(reassembly_timeout, max_message_bytes)
+        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._subs: list[tuple[str, Handler]] = []
+        self._filters: list[str] = []  # distinct filters subscribed at the broker, in order
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._closed = False
+        self._broker_max_packet: int | None = None
+        self._last_error = "no answer yet"
+        self._fatal: str | None = None
+        self._protocol_refused = threading.Event()
+        # mid -> broker acknowledgement (reason codes), filled by the network thread for publish/subscribe
+        self._acks: dict[int, list[ReasonCode]] = {}
+        self._abandoned: set[int] = set()  # mids whose waiter gave up: their late acks are dropped
+        self._fire_and_forget: set[int] = set()  # birth messages published from on_connect
+        self._ack_cond = threading.Condition()
+        self._next_expire = time.monotonic() + _EXPIRE_EVERY_S
+
+        # "auto": MQTT 5, falling back to 3.1.1 when the broker refuses the protocol (amqtt speaks 3.1.1).
+        self._auto_protocol = protocol == "auto"
+        self.protocol: Literal["5", "3.1.1"] = "3.1.1" if protocol == "3.1.1" else "5"
+        self._client = self._start_client()
+        if connect_timeout is None:
+            return
+        try:
+            connected = self._wait_first_connection(connect_timeout)
+            if not connected and protocol == "auto" and self._protocol_refused.is_set():
+                log.info("%s: broker %s refused MQTT 5; using MQTT 3.1.1", client_id, url)
+                self._stop_client()
+                self.protocol = "3.1.1"
+                self._client = self._start_client()
+                self._wait_first_connection(connect_timeout)
+            if self._fatal is not None:
+                raise TransportError(f"the MQTT broker at {url} refused client {client_id!r}: {self._fatal}")
+            if not self._connected.is_set():
+                raise TransportError(
+                    f"cannot connect to the MQTT broker at {url} as {client_id!r} within {connect_timeout} s: "
+                    f"{self._last_error}"
+                    + (" (an MQTT 3.1.1-only broker? add ?protocol=3.1.1 to the URL)" if self.protocol == "5" else "")
+                )
+        except BaseException:
+            self._closed = True
+            self._stop_client()
+            raise
+
+    # ------------------------------------------------------------------------------------ connection
+    def _single_chunk(self, message: tuple[str, bytes, bool] | None, what: str) -> tuple[str, bytes, bool] | None:
+        """Wills and births are sent by the broker or from the network thread as one packet: envelope them
+        now (so receivers take the one chunked path) and check they fit one chunk."""
+        if message is None:
+            return None
+        topic, payload, retain = message
+        chunks = split(payload, self._chunk_limit(topic))
+        if len(chunks) != 1:
+            raise ValueError(f"the {what} message must fit one packet ({len(payload)} bytes is too large)")
+        return topic, chunks[0], retain
+
+    def _start_client(self) -> mqtt.Client:
+        v5 = self.protocol == "5"
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        client.reconnect_delay_set(1, 30)
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(_WINDOW * 2)
+        if self._username is not None:
+            client.username_pw_set(self._username, self._password)
+        if self._use_tls:
+            tls = self._tls
+            client.tls_set(
+                ca_certs=tls.ca_file if tls else None,
+                certfile=tls.cert_file if tls else None,
+                keyfile=tls.key_file if tls else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_message = self._on_message
+        client.on_publish = self._on_ack
+        client.on_subscribe = self._on_subscribe
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            # The session (subscriptions, queued QoS 1 messages) survives a dropped connection this long;
+            # clean start only on the first connect, so a restarted process does not get stale messages.
+            props.SessionExpiryInterval = self._session_expiry
+            client.connect_async(
+                self._host, self._port, self._keepalive, clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props
+            )
+        else:
+            client.connect_async(self._host, self._port, self._keepalive)
+        client.loop_start()
+        return client
+
+    def _stop_client(self) -> None:
+        self._connected.clear()
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+    def _wait_first_connection(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set():
+            if self._fatal is not None or self._protocol_refused.is_set():
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._connected.wait(min(remaining, 0.05))
+        return True
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if reason.is_failure:
+            self._last_error = f"broker refused the connection: {reason}"
+            if self._auto_protocol and str(reason) == "Unsupported protocol version":
+                self._protocol_refused.set()
+            if str(reason) in _FATAL_CONNACK:
+                self._fatal = str(reason)
+            log.warning("%s: %s", self.client_id, self._last_error)
+            return
+        self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        self.stats["connects"] += 1
+        with self._lock:
+            filters = list(self._filters)
+        if filters:  # the session may be gone (broker restarted without persistence): subscribe again
+            client.subscribe([(f, self._sub_options()) for f in filters])
+        if self._birth is not None:
+            info = client.publish(self._birth[0], self._birth[1], qos=1, retain=self._birth[2])
+            with self._ack_cond:
+                self._fire_and_forget.add(info.mid)
+        if self.stats["connects"] > 1:
+            log.info("%s: reconnected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
+        self._connected.set()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._last_error = f"cannot reach {self._host}:{self._port} (connection refused or timed out)"
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        if self._auto_protocol and self.stats["connects"] == 0 and self.protocol == "5":
+            # Closed before any CONNACK: a 3.1.1-only broker (amqtt) may drop an MQTT 5 CONNECT this way.
+            self._last_error = "the broker closed the connection without answering the MQTT 5 CONNECT"
+            self._protocol_refused.set()
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was:
+            self.stats["disconnects"] += 1
+        if not self._closed:
+            self._last_error = f"connection lost: {reason}"
+            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id, self.url, reason)
+
+    def _sub_options(self) -> Any:
+        return SubscribeOptions(qos=1) if self.protocol == "5" else 1
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until connected (True) or ``timeout`` seconds pass (False)."""
+        return self._connected.wait(timeout)
+
+    # ------------------------------------------------------------------------------------------ acks
+    def _on_ack(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
+        with self._ack_cond:
+            if mid in self._fire_and_forget:
+                self._fire_and_forget.discard(mid)
+            elif mid in self._abandoned:
+                self._abandoned.discard(mid)
+            else:
+                self._acks[mid] = [reason]
+                self._ack_cond.notify_all()
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
+    ) -> None:
+        with self._ack_cond:
+            if mid in self._abandoned:
+                self._abandoned.discard(mid)
+            else:
+                self._acks[mid] = list(reasons)
+                self._ack_cond.notify_all()
+
+    def _wait_ack(self, mid: int, what: str) -> list[ReasonCode]:
+        deadline = time.monotonic() + self.publish_timeout
+        with self._ack_cond:
+            while mid not in self._acks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    self._abandoned.add(mid)
+                    state = "closed" if self._closed else ("connected" if self.connected else self._last_error)
+                    raise TransportError(
+                        f"{what}: no acknowledgement from the broker at {self.url} within "
+                        f"{self.publish_timeout} s ({state})"
+                    )
+                self._ack_cond.wait(min(remaining, 0.5))
+            return self._acks.pop(mid)
+
+    # ------------------------------------------------------------------------------------ publishing
+    def _chunk_limit(self, topic: str) -> int:
+        limit = self.packet_limit
+        broker_max = getattr(self, "_broker_max_packet", None)
+        if broker_max:
+            limit = min(limit, broker_max)
+        return limit - len(topic.encode()) - _TOPIC_OVERHEAD
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Send ``payload`` (any size: chunked below the packet limit) with QoS 1 and return once the
+        broker acknowledged every chunk. While disconnected it waits for the reconnection, up to
+        ``publish_timeout`` seconds without progress; then ``TransportError``. Chunks already queued may
+        still go out after that (at least once). A retained message must fit one chunk."""
+        if self._closed:
+            raise TransportError(f"publish to {topic}: the transport is closed")
+        if not topic or any(c in topic for c in "+#"):
+            raise ValueError(f"cannot publish to {topic!r}: a topic name has no wildcards")
+        chunks = split(bytes(payload), self._chunk_limit(topic))
+        if retain and len(chunks) > 1:
+            # The broker keeps only the last message per topic: a chunked retained message would be cut.
+            raise ValueError(f"retained message of {len(payload)} bytes on {topic} does not fit one packet")
+        pending: list[int] = []
+        for chunk in chunks:
+            info = self._client.publish(topic, chunk, qos=1, retain=retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                raise TransportError(f"publish to {topic}: paho's outgoing queue is full")
+            pending.append(info.mid)
+            self.stats["chunks_out"] += 1
+            while len(pending) >= _WINDOW:
+                self._check_ack(self._wait_ack(pending.pop(0), f"publish to {topic}"), topic)
+        for mid in pending:
+            self._check_ack(self._wait_ack(mid, f"publish to {topic}"), topic)
+        self.stats["messages_out"] += 1
+        self.stats["bytes_out"] += len(payload)
+
+    @staticmethod
+    def _check_ack(reasons: list[ReasonCode], topic: str) -> None:
+        # MQTT 5 brokers say why they refused (e.g. an ACL: "Not authorized"); 3.1.1 ones stay silent.
+        bad = [str(r) for r in reasons if r.is_failure]
+        if bad:
+            raise TransportError(f"the broker refused the message on {topic}: {', '.join(bad)}")
+
+    @property
+    def bytes_published(self) -> int:
+        """Payload bytes published (before chunking), like ``MemoryTransport.bytes_published``."""
+        return self.stats["bytes_out"]
+
+    # ----------------------------------------------------------------------------------- subscribing
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Register ``handler`` for ``topic_filter``; when connected, returns after the broker's SUBACK.
+
+        Retained messages on matching topics are delivered after this (possibly again to other handlers
+        whose filters overlap: delivery is at least once)."""
+        if self._closed:
+            raise TransportError(f"subscribe to {topic_filter}: the transport is closed")
+        with self._lock:
+            self._subs.append((topic_filter, handler))
+            if topic_filter not in self._filters:
+                self._filters.append(topic_filter)
+        if not self._connected.is_set():
+            return  # _on_connect subscribes every filter
+        # Subscribing again also replays retained messages to the new handler, as the memory transport does.
+        rc, mid = self._client.subscribe([(topic_filter, self._sub_options())])
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return  # the connection dropped meanwhile: _on_connect will subscribe it
+        self._check_ack(self._wait_ack(mid, f"subscribe to {topic_filter}"), topic_filter)
+
+    # -------------------------------------------------------------------------------------- receiving
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self.rejected["bad_topic"] += 1
+            log.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        self.stats["chunks_in"] += 1
+        try:
+            # A retained message replayed to a new subscription must get through the duplicate filter.
+            frame = self._reasm.feed(topic, msg.payload, dedupe=not msg.retain)
+        except ChunkError as e:
+            self.rejected[e.kind] += 1
+            log.warning("%s: rejected a chunk on %s: %s (%s)", self.client_id, topic, e, e.kind)
+            frame = None
+        if frame is not None:
+            self.stats["messages_in"] += 1
+            self.stats["bytes_in"] += len(frame)
+            self._inbox.put((topic, frame))
+        self._maybe_expire()
+
+    def _maybe_expire(self) -> None:
+        now = time.monotonic()
+        if now < self._next_expire:
+            return
+        self._next_expire = now + _EXPIRE_EVERY_S
+        for reason in self._reasm.expire(now):
+            self.rejected["expired"] += 1
+            log.warning("%s: dropped an incomplete message: %s", self.client_id, reason)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for topic_filter, handler in subs:
+            if not matches(topic_filter, topic):
+                continue
+            try:
+                handler(topic, payload)
+            except Exception:  # a bad message or handler bug must not stop the loop
+                self.rejected["handler_error"] += 1
+                log.exception("%s: handler for %s raised on a message on %s", self.client_id, topic_filter, topic)
+
+    def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Deliver received messages to the handlers on this thread until ``done()`` is true or ``timeout``
+        seconds pass (``None``: no limit); returns ``done()``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            wait = _IDLE_POLL_S
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                wait = min(wait, remaining)
+            try:
+                topic, payload = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                self._maybe_expire()
+                continue
+            self._dispatch(topic, payload)
+        return done()
+
+    # ------------------------------------------------------------------------------------------ close
+    def close(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread. Publishes nothing itself."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.protocol == "5" and self._connected.is_set():
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0  # a deliberate goodbye: the broker may forget the session now
+                self._client.disconnect(ReasonCode(PacketTypes.DISCONNECT, "Normal disconnection"), props)
+            else:
+                self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+            with self._ack_cond:
+                self._ack_cond.notify_all()
+
+    def __enter__(self) -> MqttTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_transport(url_or_memory: str | Transport, client_id: str = "fedcmd", **kw: Any) -> Transport:
+    """``"memory"`` -> a new :class:`MemoryTransport` (in-process parties must share one instance);
+    ``mqtt://`` / ``mqtts://`` URL -> :class:`MqttTransport` (``kw`` are its keyword arguments);
+    an existing transport is returned as it is."""
+    if isinstance(url_or_memory, Transport):
+        return url_or_memory
+    if url_or_memory == "memory":
+        return MemoryTransport()
+    if url_or_memory.startswith(("mqtt://", "mqtts://")):
+        return MqttTransport(url_or_memory, client_id, **kw)
+    raise ValueError(f"transport must be 'memory' or an mqtt:// / mqtts:// URL, got {url_or_memory!r}")
