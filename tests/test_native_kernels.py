@@ -253,6 +253,14 @@ def test_weighted_aggregate_bfloat16_torch(stacked_torch):
     np.testing.assert_allclose(K.weighted_aggregate([[2.0]], [big]), 2 * exact[:1], rtol=1e-6)
 
 
+def test_weighted_aggregate_bfloat16_stacked_tensor():
+    rng = np.random.default_rng(5)
+    X = torch.from_numpy(rng.normal(size=(4, 777)).astype(np.float32)).to(torch.bfloat16)
+    W = rng.random((2, 4))
+    got = K.weighted_aggregate(W, X)
+    np.testing.assert_allclose(got, W @ X.float().numpy().astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_weighted_aggregate_bfloat16_nonfinite_names_the_buffer():
     huge = torch.full((8,), 3e36).to(torch.bfloat16)  # finite in bf16, but its bits read as f16 would be Inf
     bad = np.ones(8, np.float32)

@@ -216,6 +216,8 @@ def weighted_aggregate(weights: Any, buffers: Sequence[Any] | Any) -> np.ndarray
     """
     fn = "weighted_aggregate"
     bf16: list[bool] | None = None
+    if _native is not None and _is_bf16_tensor(buffers) and getattr(buffers, "ndim", 0) == 2:
+        buffers = list(buffers)  # [N, P] bfloat16: N row views (no copy), read in place below
     if _native is not None and isinstance(buffers, Sequence) and any(_is_bf16_tensor(b) for b in buffers):
         # bfloat16 storage halves the bytes read; the NumPy path cannot read it, the native one can
         bf16 = [_is_bf16_tensor(b) for b in buffers]
