@@ -83,6 +83,7 @@ _wasserstein_1d = _impl("wasserstein_1d")
 _wasserstein_pairwise = _impl("wasserstein_pairwise")
 _sliced_wasserstein = _impl("sliced_wasserstein")
 _weighted_aggregate = _impl("weighted_aggregate")
+_native_bf16 = _weighted_aggregate is not fallback.weighted_aggregate  # only the native one reads bfloat16
 _cosine_similarity_matrix = _impl("cosine_similarity_matrix")
 _rowwise_mean_cosine_matrix = _impl("rowwise_mean_cosine_matrix")
 
@@ -216,9 +217,9 @@ def weighted_aggregate(weights: Any, buffers: Sequence[Any] | Any) -> np.ndarray
     """
     fn = "weighted_aggregate"
     bf16: list[bool] | None = None
-    if _native is not None and _is_bf16_tensor(buffers) and getattr(buffers, "ndim", 0) == 2:
+    if _native_bf16 and _is_bf16_tensor(buffers) and getattr(buffers, "ndim", 0) == 2:
         buffers = list(buffers)  # [N, P] bfloat16: N row views (no copy), read in place below
-    if _native is not None and isinstance(buffers, Sequence) and any(_is_bf16_tensor(b) for b in buffers):
+    if _native_bf16 and isinstance(buffers, Sequence) and any(_is_bf16_tensor(b) for b in buffers):
         # bfloat16 storage halves the bytes read; the NumPy path cannot read it, the native one can
         bf16 = [_is_bf16_tensor(b) for b in buffers]
         buffers = [_bf16_as_half_bits(b) if f else b for b, f in zip(buffers, bf16)]
