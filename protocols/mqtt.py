@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -44,6 +45,7 @@ _TOPIC_OVERHEAD = 16  # MQTT PUBLISH bytes beside topic and payload: fixed heade
 _IDLE_POLL_S = 0.2  # how often an idle run_until re-checks done() (changed from another thread)
 _EXPIRE_EVERY_S = 1.0
 # CONNACK refusals that retrying cannot fix: fail the constructor at once instead of waiting.
+_NO_CONNACK = "connected, but the broker did not answer the CONNECT"
 _FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 
 
@@ -152,13 +154,13 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._closed = False
         self._broker_max_packet: int | None = None
-        self._last_error = "no answer yet"
+        self._last_error = _NO_CONNACK
         self._fatal: str | None = None
         self._protocol_refused = threading.Event()
         # mid -> broker acknowledgement (reason codes), filled by the network thread for publish/subscribe
         self._acks: dict[int, list[ReasonCode]] = {}
         self._abandoned: set[int] = set()  # mids whose waiter gave up: their late acks are dropped
-        self._fire_and_forget: set[int] = set()  # birth messages published from on_connect
+        self._fire_and_forget: set[int] = set()  # births and re-subscriptions sent from on_connect
         self._ack_cond = threading.Condition()
         self._next_expire = time.monotonic() + _EXPIRE_EVERY_S
 
@@ -179,10 +181,13 @@ class MqttTransport(Transport):
             if self._fatal is not None:
                 raise TransportError(f"the MQTT broker at {url} refused client {client_id!r}: {self._fatal}")
             if not self._connected.is_set():
+                reason = self._last_error
+                if reason == _NO_CONNACK and self.protocol == "5":
+                    reason += " (an MQTT 3.1.1-only broker? add ?protocol=3.1.1 to the URL)"
+                elif reason.startswith("cannot reach"):
+                    reason = self._diagnose() or reason
                 raise TransportError(
-                    f"cannot connect to the MQTT broker at {url} as {client_id!r} within {connect_timeout} s: "
-                    f"{self._last_error}"
-                    + (" (an MQTT 3.1.1-only broker? add ?protocol=3.1.1 to the URL)" if self.protocol == "5" else "")
+                    f"cannot connect to the MQTT broker at {url} as {client_id!r} within {connect_timeout} s: {reason}"
                 )
         except BaseException:
             self._closed = True
@@ -201,6 +206,24 @@ class MqttTransport(Transport):
             raise ValueError(f"the {what} message must fit one packet ({len(payload)} bytes is too large)")
         return topic, chunks[0], retain
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self._tls.ca_file if self._tls else None)
+        if self._tls and self._tls.cert_file:
+            ctx.load_cert_chain(self._tls.cert_file, self._tls.key_file)
+        return ctx
+
+    def _diagnose(self) -> str | None:
+        """paho does not say why a connection attempt failed: retry once by hand to name the cause
+        (refused, unreachable, certificate not trusted, ...)."""
+        try:
+            with socket.create_connection((self._host, self._port), timeout=5) as sock:
+                if self._use_tls:
+                    with self._ssl_context().wrap_socket(sock, server_hostname=self._host):
+                        pass
+        except (OSError, ssl.SSLError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
     def _start_client(self) -> mqtt.Client:
         v5 = self.protocol == "5"
         client = mqtt.Client(
@@ -215,14 +238,8 @@ class MqttTransport(Transport):
         if self._username is not None:
             client.username_pw_set(self._username, self._password)
         if self._use_tls:
-            tls = self._tls
-            client.tls_set(
-                ca_certs=tls.ca_file if tls else None,
-                certfile=tls.cert_file if tls else None,
-                keyfile=tls.key_file if tls else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            # Verifies the broker's certificate and host name against the CA (system CAs without a TlsConfig).
+            client.tls_set_context(self._ssl_context())
         if self._will is not None:
             client.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
         client.on_connect = self._on_connect
@@ -274,16 +291,21 @@ class MqttTransport(Transport):
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self.stats["connects"] += 1
         with self._lock:
+            # Under the lock with subscribe(): a filter added concurrently is either in this snapshot or
+            # sees the connected flag and subscribes itself.
             filters = list(self._filters)
+            self._connected.set()
+        # Not awaited (this is the network thread): their acknowledgements are dropped in _on_ack/_on_subscribe.
         if filters:  # the session may be gone (broker restarted without persistence): subscribe again
-            client.subscribe([(f, self._sub_options()) for f in filters])
+            _, mid = client.subscribe([(f, self._sub_options()) for f in filters])
+            with self._ack_cond:
+                self._fire_and_forget.add(mid)
         if self._birth is not None:
             info = client.publish(self._birth[0], self._birth[1], qos=1, retain=self._birth[2])
             with self._ack_cond:
                 self._fire_and_forget.add(info.mid)
         if self.stats["connects"] > 1:
             log.info("%s: reconnected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
-        self._connected.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._last_error = f"cannot reach {self._host}:{self._port} (connection refused or timed out)"
@@ -327,7 +349,11 @@ class MqttTransport(Transport):
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
     ) -> None:
         with self._ack_cond:
-            if mid in self._abandoned:
+            if mid in self._fire_and_forget:
+                self._fire_and_forget.discard(mid)
+                if any(r.is_failure for r in reasons):
+                    log.warning("%s: the broker refused a re-subscription: %s", self.client_id, reasons)
+            elif mid in self._abandoned:
                 self._abandoned.discard(mid)
             else:
                 self._acks[mid] = list(reasons)
@@ -407,7 +433,8 @@ class MqttTransport(Transport):
             self._subs.append((topic_filter, handler))
             if topic_filter not in self._filters:
                 self._filters.append(topic_filter)
-        if not self._connected.is_set():
+            connected = self._connected.is_set()
+        if not connected:
             return  # _on_connect subscribes every filter
         # Subscribing again also replays retained messages to the new handler, as the memory transport does.
         rc, mid = self._client.subscribe([(topic_filter, self._sub_options())])

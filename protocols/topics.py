@@ -64,7 +64,7 @@ def presence_filter(fleet: str) -> str:
 
 
 def status_topic(fleet: str) -> str:
-    """Retained coordinator status (a codec frame of type ``status``)."""
+    """Retained coordinator status (a JSON object, see protocols/README.md)."""
     return f"fedcmd/{check_fleet(fleet)}/status"
 
 

@@ -11,18 +11,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from brokers import amqtt_broker, mosquitto_broker  # noqa: F401  (fixtures; tests/conftest.py may import them too)
+from brokers import amqtt_broker, mosquitto_broker, mosquitto_factory  # noqa: F401  (fixtures; tests/conftest.py may import them too)
 
 from protocols.broker import Broker, free_port
 from protocols.chunking import split
 from protocols.codec import Header, decode, encode
 from protocols.memory import MemoryTransport
-from protocols.mqtt import MqttTransport, TransportError, make_transport, parse_url
+from protocols.mqtt import MqttTransport, TlsConfig, TransportError, make_transport, parse_url
 from protocols.topics import (
     parse_presence,
     presence_filter,
@@ -332,3 +332,35 @@ def test_urls_and_factory() -> None:
     assert isinstance(make_transport("memory", "x"), MemoryTransport)
     with pytest.raises(ValueError):
         make_transport("carrier-pigeon://x", "x")
+
+
+def _openssl_certs(tmp: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a broker certificate for 127.0.0.1 (EC keys: fast)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([str(openssl), *args], check=True, capture_output=True, timeout=WAIT, cwd=tmp)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=fedcmd test CA")
+    run("req", *ec, "-keyout", "broker.key", "-out", "broker.csr", "-subj", "/CN=127.0.0.1")
+    (tmp / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "broker.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    return tmp / "ca.crt", tmp / "broker.crt", tmp / "broker.key"
+
+
+def test_tls_with_the_right_ca_only(mosquitto_factory: Callable[..., Broker], tmp_path: Path) -> None:
+    ca, cert, key = _openssl_certs(tmp_path)
+    port = free_port()
+    mosquitto_factory(f"listener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n")
+    url = f"mqtts://127.0.0.1:{port}"
+    with MqttTransport(url, "tls-client", tls=TlsConfig(str(ca))) as t:
+        inbox = Inbox()
+        t.subscribe("secure/x", inbox)
+        t.publish("secure/x", b"over tls")
+        assert t.run_until(lambda: bool(inbox.items), WAIT) and inbox.payloads == [b"over tls"]
+    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+        MqttTransport(url, "no-ca", connect_timeout=1.0)  # system CAs do not trust our test CA
