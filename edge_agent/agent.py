@@ -27,12 +27,16 @@ class Agent:
         client_id: int,
         strategy: ClientStrategy,
         state_dir: Path | None = None,
+        profile: str | None = None,
+        export_onnx: Path | None = None,
     ) -> None:
         self.transport = transport
         self.fleet = fleet
         self.client_id = client_id
         self.strategy = strategy
         self.tasks_done = 0
+        self.profile = profile  # reported at registration so the coordinator knows what it is sampling
+        self.export_onnx = export_onnx  # personalized model re-exported here after every fit
         # Personal layers, BN statistics and optimiser state survive a restart of the device.
         self.state_file = state_dir / f"client-{client_id}.state.safetensors" if state_dir else None
         if self.state_file is not None and self.state_file.is_file():
@@ -43,7 +47,10 @@ class Agent:
 
     def announce(self, state: str = "online") -> None:
         """Retained presence: how the coordinator learns this device can be sampled."""
-        payload = json.dumps({"state": state, "client": self.client_id}).encode()
+        presence: dict[str, object] = {"state": state, "client": self.client_id}
+        if self.profile is not None:
+            presence["profile"] = self.profile
+        payload = json.dumps(presence).encode()
         self.transport.publish(presence_topic(self.fleet, self.client_id), payload, retain=True)
 
     def _on_task(self, topic: str, payload: bytes) -> None:
@@ -61,6 +68,17 @@ class Agent:
         if task.kind == "fit" and self.state_file is not None:
             save_state_file(self.state_file, self.strategy.state_dict(), {"client": str(self.client_id)})
         self.transport.publish(update_topic(self.fleet, self.client_id), self.encode_update(task, update))
+        if task.kind == "fit" and self.export_onnx is not None:
+            self._export(task.round)
+
+    def _export(self, rnd: int) -> None:
+        # After the update is on its way: the export (~0.2 s for LeNet-5) must not delay the round.
+        from edge_agent.onnx_export import export_strategy
+
+        try:
+            export_strategy(self.strategy, self.export_onnx, {"round": str(rnd)})
+        except Exception as e:  # a failed export must not stop the device answering tasks
+            log.warning("client %d: ONNX export to %s failed: %s", self.client_id, self.export_onnx, e)
 
     def encode_update(self, task: Task, update: Update) -> bytes:
         header = Header(

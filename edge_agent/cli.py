@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="fedcmd edge agent: trains on this device's data when the coordinator asks.",
@@ -45,10 +47,30 @@ def run(
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (TLS)"),
     cert: Optional[Path] = typer.Option(None, "--cert", help="client certificate (TLS)"),
     key: Optional[Path] = typer.Option(None, "--key", help="client private key (TLS)"),
-    threads: int = typer.Option(1, "--threads", min=1, help="torch threads on this device"),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch threads on this device [default: the profile's, else 1]"
+    ),
     wait: float = typer.Option(300.0, "--wait", help="seconds to wait for the coordinator's run description"),
+    profile_name: Optional[str] = typer.Option(
+        None, "--profile", help="device profile: rpi4, rpi5, jetson-nano, jetson-orin, x86 (threads, memory check)"
+    ),
+    onnx_out: Optional[Path] = typer.Option(
+        None, "--onnx", help="where to export the personalized model after each round [default: STATE_DIR/model.onnx]"
+    ),
+    no_onnx: bool = typer.Option(False, "--no-onnx", help="do not export ONNX after rounds"),
 ) -> None:
     """Connect, wait for the coordinator's run description, then answer tasks until stopped (SIGTERM)."""
+    from edge_agent.profiles import ProfileError, apply_kernel_choice, get_profile
+
+    profile = None
+    if profile_name is not None:
+        try:
+            profile = get_profile(profile_name)
+        except ProfileError as e:
+            fail(escape(str(e)))
+            return
+        apply_kernel_choice(profile)  # before fedcmd_core.kernels is imported below
+
     import torch
 
     from edge_agent.agent import Agent
@@ -59,7 +81,7 @@ def run(
     from protocols.topics import presence_topic, status_topic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or (profile.torch_threads() if profile else 1))
     password = password_file.read_text().strip() if password_file else None
     if password is not None and username is None:
         username = str(client_id)  # the ACL convention of `fedcmd deploy`: a device's username is its id
@@ -96,7 +118,28 @@ def run(
     spec = RunSpec(**status["run"])
     if tuple(spec.input_shape) != ds.input_shape:
         fail(f"the coordinator's model expects inputs {tuple(spec.input_shape)}; {dataset} has {ds.input_shape}")
-    agent = Agent(transport, fleet, client_id, build_client(spec, client_id, local), state_dir=state_dir)
+    model = spec.build_model()
+    if profile is not None:
+        from edge_agent.profiles import check_memory, estimate_for_model, tensor_bytes
+
+        data_bytes = tensor_bytes([ds.x, ds.y, local.x_train, local.y_train, local.x_test, local.y_test])
+        estimate = estimate_for_model(
+            model, tuple(spec.input_shape), spec.batch_size, data_bytes,
+            momentum=spec.momentum > 0, runtime_mb=profile.runtime_overhead_mb,
+        )
+        try:
+            check_memory(profile, estimate)
+        except ProfileError as e:
+            transport.close()
+            fail(escape(str(e)))
+        err.print(f"profile {profile.name}: run needs {estimate.describe()} of {profile.memory_mb} MB")
+    # The run description next to the state: `fedcmd-edge export-onnx` rebuilds the model from it.
+    _write_atomic(state_dir / "runspec.json", spec.model_dump_json(indent=2))
+    agent = Agent(
+        transport, fleet, client_id, build_client(spec, client_id, local, model=model), state_dir=state_dir,
+        profile=profile.name if profile else None,
+        export_onnx=None if no_onnx else (onnx_out or state_dir / "model.onnx"),
+    )
     agent.announce("online")
     stopping = {"now": False}
 
@@ -109,6 +152,60 @@ def run(
     transport.run_until(lambda: stopping["now"], None)
     agent.announce("offline")  # a clean disconnect does not fire the last will
     transport.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@app.command("export-onnx")
+def export_onnx(
+    state_dir: Path = typer.Option(..., "--state-dir", help="the agent's state dir"),
+    client_id: int = typer.Option(..., "--client-id", min=0, help="the device's id"),
+    spec_path: Optional[Path] = typer.Option(
+        None, "--spec", help="RunSpec JSON [default: STATE_DIR/runspec.json, written by `run`]"
+    ),
+    out: Path = typer.Option(..., "--out", help="ONNX file to write (atomically)"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel mean stored for uint8 inputs of predict"),
+    std: Optional[str] = typer.Option(None, "--std", help="per-channel std stored for uint8 inputs of predict"),
+) -> None:
+    """Export this device's personalized model (cloud body + its personal layers and BN statistics)."""
+    from edge_agent.onnx_export import ExportError, export_state_dir, load_spec
+
+    extra = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    try:
+        spec = load_spec(spec_path or state_dir / "runspec.json")
+        export_state_dir(state_dir, client_id, spec, out, extra)
+    except ExportError as e:
+        fail(escape(str(e)))
+    err.print(f"wrote {out} ({spec.model}, client {client_id}, input [N, {', '.join(map(str, spec.input_shape))}])")
+
+
+@app.command()
+def predict(
+    inputs: Path = typer.Argument(..., help=".npy (N,C,H,W float32 normalised, or uint8), a .png, or a folder of PNGs"),
+    model: Path = typer.Option(..., "--model", help="ONNX model from export-onnx or the agent"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="per-channel mean for uint8 inputs [default: the model's]"),
+    std: Optional[str] = typer.Option(None, "--std", help="per-channel std for uint8 inputs [default: the model's]"),
+    profile_name: Optional[str] = typer.Option(None, "--profile", help="device profile: threads, batch size, CUDA"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON list"),
+) -> None:
+    """Predict with ONNX Runtime only (no torch): one line per sample: input, class, probability."""
+    from edge_agent.inference import InferenceError, Predictor, _floats, format_predictions
+    from edge_agent.profiles import ProfileError, get_profile
+
+    try:
+        profile = get_profile(profile_name) if profile_name else None
+        predictor = Predictor(model, threads=profile.threads if profile else None, cuda=bool(profile and profile.cuda))
+        predictions = predictor.predict(
+            inputs, _floats(mean), _floats(std), batch_size=profile.batch_size if profile else None
+        )
+    except (InferenceError, ProfileError) as e:
+        fail(escape(str(e)))
+        return
+    typer.echo(format_predictions(predictions, as_json))
 
 
 def main() -> None:
