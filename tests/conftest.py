@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from brokers import amqtt_broker, mosquitto_broker, mosquitto_factory  # noqa: F401  (fixtures for every test)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

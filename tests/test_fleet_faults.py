@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("paho.mqtt")
-from tests.brokers import mosquitto_broker  # noqa: E402,F401  (fixture)
 
 BIN = Path(sys.executable).parent
 

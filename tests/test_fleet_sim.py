@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("paho.mqtt")
-from cloud.config import resolve  # noqa: E402
-from cloud.simulate import build_and_run  # noqa: E402
-from tests.brokers import mosquitto_broker  # noqa: E402,F401  (fixture)
+from cloud.config import resolve
+from cloud.simulate import build_and_run
 
 
 @pytest.mark.timeout(600)
