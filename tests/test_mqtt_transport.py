@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 from brokers import amqtt_broker, mosquitto_broker, mosquitto_factory  # noqa: F401  (fixtures; tests/conftest.py may import them too)
 
 from protocols.broker import Broker, free_port
-from protocols.chunking import split
+from protocols.chunking import parse_chunk, split
 from protocols.codec import Header, decode, encode
 from protocols.memory import MemoryTransport
 from protocols.mqtt import MqttTransport, TlsConfig, TransportError, make_transport, parse_url
@@ -136,6 +137,47 @@ def test_burst_of_2000_qos1_messages_all_arrive(mosquitto_broker: Broker, transp
     assert receiver.run_until(lambda: len(inbox.items) >= n, WAIT), f"{len(inbox.items)} of {n} arrived"
     got = sorted(int.from_bytes(p, "big") for p in inbox.payloads)
     assert got == list(range(n))  # every one, once
+
+
+MOSQUITTO_DEFAULT_QUEUES = "max_queued_messages 1000\nmax_inflight_messages 20"
+
+
+@pytest.mark.parametrize(("extra", "lossy"), [("", False), (MOSQUITTO_DEFAULT_QUEUES, True)])
+def test_a_stalled_subscriber_gets_the_whole_burst(
+    mosquitto_factory: Callable[..., Broker], transports: list[MqttTransport], extra: str, lossy: bool
+) -> None:
+    """DESIGN.md §6: with mosquitto's defaults (1000 queued, 20 in flight) a subscriber that stops reading for
+    a moment silently loses QoS 1 messages; our generated config (max_queued_messages 0) loses none."""
+    broker = mosquitto_factory(extra)
+    # A plain paho client as the subscriber, so the test can stop it reading its socket.
+    got: list[bytes] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stalled", protocol=mqtt.MQTTv311)
+    sub.on_message = lambda c, u, m: got.append(m.payload)
+    subscribed: list[int] = []
+    sub.on_subscribe = lambda c, u, mid, rc, p: subscribed.append(mid)
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe("burst/#", qos=1)
+    deadline = time.monotonic() + WAIT
+    while not subscribed and time.monotonic() < deadline:
+        sub.loop(0.05)
+    sender = _open(transports, broker.url, "burst-sender")
+    n = 2000
+    for i in range(n):  # meanwhile the subscriber reads nothing
+        sender.publish("burst/1", i.to_bytes(4, "big"))
+    deadline = time.monotonic() + WAIT
+    last_growth, seen = time.monotonic(), 0
+    while len(got) < n and time.monotonic() < deadline:
+        sub.loop(0.05)
+        if len(got) > seen:
+            last_growth, seen = time.monotonic(), len(got)
+        elif lossy and time.monotonic() - last_growth > 0.5:
+            break  # the broker has delivered all it kept
+    sub.disconnect()
+    values = {int.from_bytes(parse_chunk(p)[1], "big") for p in got}
+    if lossy:
+        assert len(values) < n  # the pitfall is real ...
+    else:
+        assert values == set(range(n))  # ... and the generated config avoids it
 
 
 def test_retained_status_reaches_a_late_subscriber(mosquitto_broker: Broker, transports: list[MqttTransport]) -> None:
