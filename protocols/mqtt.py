@@ -45,7 +45,7 @@ _TOPIC_OVERHEAD = 16  # MQTT PUBLISH bytes beside topic and payload: fixed heade
 _IDLE_POLL_S = 0.2  # how often an idle run_until re-checks done() (changed from another thread)
 _EXPIRE_EVERY_S = 1.0
 # CONNACK refusals that retrying cannot fix: fail the constructor at once instead of waiting.
-_NO_CONNACK = "connected, but the broker did not answer the CONNECT"
+_NO_ANSWER = "no answer from the broker yet"
 _FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 
 
@@ -154,7 +154,7 @@ class MqttTransport(Transport):
         self._connected = threading.Event()
         self._closed = False
         self._broker_max_packet: int | None = None
-        self._last_error = _NO_CONNACK
+        self._last_error = _NO_ANSWER
         self._fatal: str | None = None
         self._protocol_refused = threading.Event()
         # mid -> broker acknowledgement (reason codes), filled by the network thread for publish/subscribe
@@ -182,10 +182,9 @@ class MqttTransport(Transport):
                 raise TransportError(f"the MQTT broker at {url} refused client {client_id!r}: {self._fatal}")
             if not self._connected.is_set():
                 reason = self._last_error
-                if reason == _NO_CONNACK and self.protocol == "5":
-                    reason += " (an MQTT 3.1.1-only broker? add ?protocol=3.1.1 to the URL)"
-                elif reason.startswith("cannot reach"):
-                    reason = self._diagnose() or reason
+                if reason == _NO_ANSWER or reason.startswith("cannot reach"):
+                    hint = " (a 3.1.1-only broker? add ?protocol=3.1.1 to the URL)" if self.protocol == "5" else ""
+                    reason = self._diagnose() or f"the broker took the connection but did not answer the CONNECT{hint}"
                 raise TransportError(
                     f"cannot connect to the MQTT broker at {url} as {client_id!r} within {connect_timeout} s: {reason}"
                 )
