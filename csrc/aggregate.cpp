@@ -28,7 +28,9 @@ using namespace simd;
 constexpr int kMaxR = 5;                   // 2*R accumulators + 2 inputs + 1 broadcast <= 16 AVX2 registers
 constexpr int64_t kGroup = 8;              // buffers streamed together: few enough for the hardware prefetcher
 constexpr int64_t kBlockBytes = 128 << 10;  // one block: K accumulator rows + a staged group, in L2
-constexpr int64_t kParallelMin = 1 << 21;  // multiply-adds (K * N * P) below which one thread is safer
+// Multiply-adds (K * N * P) below which one thread does it (~2 ms): a team can wait a scheduler
+// time slice for its second thread on a busy machine (see wasserstein.cpp).
+constexpr int64_t kParallelMin = 1 << 25;
 
 template <class T>
 struct Lanes;

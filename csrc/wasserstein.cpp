@@ -12,12 +12,12 @@
 namespace fedcmd {
 namespace {
 
-// Work below these sizes stays on one thread (a few hundred microseconds of work at most). Waking an
-// OpenMP team costs microseconds on an idle machine but up to a scheduler time slice (~10 ms,
-// measured) when the other core is busy, e.g. with torch's own OpenMP pool spinning after a layer;
-// FedCMD's per-batch vote (3 rows of 32 samples) must never pay that.
-constexpr int64_t kParallelMin = 1 << 14;     // sorted sample-elements (sort-bound kernels)
-constexpr int64_t kParallelPairs = 1 << 20;   // pair-elements (N * N * n) of the pairwise kernel
+// Work below these sizes (about 2-3 ms on one thread) stays on one thread. Waking an OpenMP team
+// costs microseconds on an idle machine but up to a scheduler time slice (~10 ms, measured) when
+// the other core is busy, e.g. with torch's own OpenMP pool spinning after a layer; FedCMD's
+// per-batch vote (3 rows of 32 samples) must never pay that.
+constexpr int64_t kParallelMin = 1 << 16;     // sorted sample-elements (sort-bound kernels)
+constexpr int64_t kParallelPairs = 1 << 23;   // pair-elements (N * N * n) / multiply-adds of projections
 
 // Rows at least this long are radix-sorted: std::sort of 1024 doubles took 2x as long (branch
 // misses) and dominated the pairwise kernel; below ~64 samples std::sort wins (measured crossover).
@@ -267,7 +267,7 @@ void project_rows(const double* Z, int64_t rows, int64_t d, const double* theta,
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t k = 0; k < d; ++k) Zt[k * rows + i] = Z[i * d + k];
   const int64_t whole = rows / 8 * 8;
-#pragma omp parallel for schedule(static) if (rows * d * L >= kParallelPairs)
+#pragma omp parallel for schedule(dynamic, 4) if (rows * d * L >= kParallelPairs)
   for (int64_t i = 0; i < whole; i += 8) {  // 8 samples: d x 64 bytes of Zt stay in L1 for all directions
     int64_t l = 0;
     for (; l + 4 <= L; l += 4) project_tile<4>(Zt.data(), rows, d, theta, l, i, dst);
@@ -302,7 +302,7 @@ void wasserstein_pairwise(const double* S, int64_t N, int64_t n, double p, doubl
 #pragma omp parallel if (N * n >= kParallelMin)
   {
     RadixScratch scratch;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t i = 0; i < N; ++i) sort_values(s.data() + i * n, n, scratch);
   }
   for (int64_t i = 0; i < N; ++i) out[i * N + i] = 0.0;

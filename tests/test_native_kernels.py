@@ -124,8 +124,8 @@ def test_wasserstein_pairwise_native_equals_fallback(N, n, p, seed):
 
 @needs_native
 def test_wasserstein_pairwise_parallel_size():
-    # large enough for the OpenMP path (N * N * n >= 2**20) and the radix sort
-    S = np.random.default_rng(1).exponential(size=(70, 300))
+    # large enough for the OpenMP path (N * N * n >= 2**23) and the radix sort
+    S = np.random.default_rng(1).exponential(size=(99, 900))
     np.testing.assert_allclose(native.wasserstein_pairwise(S, 1.0), fallback.wasserstein_pairwise(S, 1.0), **TIGHT)
 
 
@@ -160,11 +160,11 @@ def test_sliced_wasserstein_vs_pot(p, weighted):
 
 @needs_native
 def test_sliced_wasserstein_parallel_size_native_equals_fallback():
-    # rows * d * L >= 2**20: the threaded projection; 1001 / 700 rows and 37 directions leave ragged tiles
+    # rows * d * L >= 2**23: the threaded projection; 2001 / 700 rows and 67 directions leave ragged tiles
     rng = np.random.default_rng(11)
-    X, Y = rng.normal(size=(1001, 29)), rng.exponential(size=(700, 29))
-    theta = K.projections(29, 37, 3)
-    w = rng.random(1001)
+    X, Y = rng.normal(size=(2001, 63)), rng.exponential(size=(700, 63))
+    theta = K.projections(63, 67, 3)
+    w = rng.random(2001)
     for p, xw in ((2.0, None), (1.0, w)):
         want = fallback.sliced_wasserstein(X, Y, theta, p, xw)
         np.testing.assert_allclose(native.sliced_wasserstein(X, Y, theta, p, xw, None), want, **TIGHT)
@@ -224,7 +224,7 @@ def test_weighted_aggregate_native_equals_fallback(k, n, P, dtype):
 @needs_native
 def test_weighted_aggregate_mixed_and_parallel():
     rng = np.random.default_rng(2)
-    P = 50_001  # K * N * P above the OpenMP threshold, ragged last block
+    P = 300_001  # K * N * P above the OpenMP threshold (2**25), ragged last block
     X = rng.normal(size=(12, P))
     W = rng.random((10, 12))
     kinds = [np.float16, np.float32, np.float64]
@@ -289,6 +289,25 @@ def test_rowwise_mean_cosine_native_equals_fallback(N, r, c, dtype):
         assert np.array_equal(got, got.T)
     if r == 1:
         np.testing.assert_allclose(native.cosine_similarity_matrix(M[:, 0, :], 1e-8), want, atol=1e-12)
+
+
+@needs_native
+@pytest.mark.parametrize(("N", "r", "c"), [(64, 32, 520), (65, 1, 20_003)])
+def test_similarity_parallel_size(N, r, c):
+    # N * N * r * c / 2 >= 2**25: threads over rows (r > 1) or over column chunks (r = 1)
+    M = np.random.default_rng(r).normal(size=(N, r, c)).astype(np.float32)
+    M[3] = 0.0
+    np.testing.assert_allclose(
+        native.rowwise_mean_cosine_matrix(M, 1e-8), fallback.rowwise_mean_cosine_matrix(M, 1e-8), rtol=1e-10, atol=1e-12
+    )
+
+
+@needs_native
+def test_wasserstein_1d_parallel_size():
+    rng = np.random.default_rng(12)  # B * (n + m) >= 2**16
+    u, v, uw = rng.normal(size=(160, 250)), rng.normal(size=(160, 230)), rng.random((160, 250))
+    want = fallback.wasserstein_1d(u, v, 2.0, uw)
+    np.testing.assert_allclose(native.wasserstein_1d(u, v, 2.0, uw, None), want, **TIGHT)
 
 
 @needs_native
