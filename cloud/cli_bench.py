@@ -1,9 +1,11 @@
 """``fedcmd bench kernels``: native kernels against the NumPy fallback and the named baselines.
 
-Every number of one report is measured in the same process, one after another: the native kernel
+Every number of one report is measured in the same process: the native kernel
 (``fedcmd_core._native``), the NumPy fallback (``fedcmd_core.kernels.fallback``) and the baseline the
 issue names (POT, SciPy, NumPy, torch), each the best of ``--repeat`` runs (best-of, because this
-machine is shared and the minimum is the least disturbed run). Both backends are called at the
+machine is shared and the minimum is the least disturbed run). The contenders of one row are timed
+round-robin (``compare_ms``), so a burst of load from other processes hits them alike; only the
+per-pair POT/SciPy loops, seconds each, are timed on their own. Both backends are called at the
 backend-contract level on the same validated arrays, so validation is not part of either time.
 Throughput is the minimal traffic (inputs read once, outputs written once) per second, next to the
 copy bandwidth of this machine measured with ``np.copyto`` in the same run.
@@ -128,6 +130,28 @@ def best_ms(fn: Callable[[], Any], repeat: int, min_seconds: float = 0.01) -> fl
     return best * 1e3
 
 
+def compare_ms(
+    fns: dict[str, Callable[[], Any] | None], repeat: int, min_seconds: float = 0.01
+) -> dict[str, float | None]:
+    """Best-of-``repeat`` milliseconds per call for several functions measured round-robin: each round
+    times every function once, so a burst of load from other processes hits all contenders alike and
+    their ratios stay meaningful on a shared machine. ``None`` entries (no native module) give None."""
+    live = {k: f for k, f in fns.items() if f is not None}
+    inner: dict[str, int] = {}
+    for k, f in live.items():  # warm-up, and loop counts for calls shorter than min_seconds
+        start = time.perf_counter()
+        f()
+        inner[k] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    best = dict.fromkeys(live, math.inf)
+    for _ in range(max(1, repeat)):
+        for k, f in live.items():
+            start = time.perf_counter()
+            for _ in range(inner[k]):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - start) / inner[k])
+    return {k: (best[k] * 1e3 if k in best else None) for k in fns}
+
+
 class _Steps:
     """Progress bar over the measurement steps (stderr, so --json output stays clean)."""
 
@@ -169,11 +193,12 @@ def run_kernel_bench(quick: bool = False, repeat: int = 5, progress: Progress | 
     steps = _Steps(progress, total=9)
     rng = np.random.default_rng(0)
 
-    def nat(name: str, *args: Any) -> float | None:
+    def nat(name: str, *args: Any) -> Callable[[], Any] | None:
+        """The native kernel bound to its arguments, or None without the native module."""
         if native is None:
             return None
         fn = getattr(native, name)
-        return best_ms(lambda: fn(*args), repeat)
+        return lambda: fn(*args)
 
     with steps.step("copy bandwidth (np.copyto)"):
         rep.copy_gbps = copy_bandwidth(size["copy"], repeat)
@@ -198,7 +223,7 @@ def copy_bandwidth(elements: int, repeat: int) -> float:
 
 
 def _bench_pairwise(rep: Report, size: dict[str, Any], repeat: int, slow_repeat: int, rng: np.random.Generator,
-                    nat: Callable[..., float | None], steps: _Steps) -> None:
+                    nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
     import ot
     import scipy.stats
 
@@ -209,14 +234,21 @@ def _bench_pairwise(rep: Report, size: dict[str, Any], repeat: int, slow_repeat:
     scale = len(pairs) / len(sample)  # per-pair baselines: time a sample of pairs, scale to all pairs
     case = f"N={N}, n={n}"
     with steps.step(f"wasserstein_pairwise {case}"):
-        native_ms = nat("wasserstein_pairwise", S, 1.0)
-        fallback_ms = best_ms(lambda: fallback.wasserstein_pairwise(S, 1.0), repeat)
+        t = compare_ms(
+            {
+                "native": nat("wasserstein_pairwise", S, 1.0),
+                "fallback": lambda: fallback.wasserstein_pairwise(S, 1.0),
+                "sort_once": lambda: numpy_sort_once_pairwise(S),
+            },
+            repeat,
+        )
+        native_ms, fallback_ms, sort_once_ms = t["native"], t["fallback"], t["sort_once"]
         traffic = S.nbytes + N * N * 8
+        # seconds per run: timed on their own (a ratio of several hundred is not load-sensitive)
         pot_ms = scale * best_ms(lambda: [ot.wasserstein_1d(S[i], S[j], p=1) for i, j in sample], slow_repeat)
         sp_ms = scale * best_ms(
             lambda: [scipy.stats.wasserstein_distance(S[i], S[j]) for i, j in sample], slow_repeat
         )
-        sort_once_ms = best_ms(lambda: numpy_sort_once_pairwise(S), repeat)
     note = f"per-pair time of {len(sample)} pairs x {len(pairs)} pairs"
     rep.rows += [
         Row("wasserstein_pairwise", case, native_ms, fallback_ms, "POT ot.wasserstein_1d per pair", pot_ms, traffic,
@@ -244,7 +276,7 @@ def numpy_sort_once_pairwise(S: np.ndarray, block: int = 8) -> np.ndarray:
 
 
 def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                      nat: Callable[..., float | None], steps: _Steps) -> None:
+                      nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
     import ot
 
     B, n, m = size["w1d"]
@@ -252,14 +284,20 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
     uw, vw = rng.random((B, n)), rng.random((B, m))
     case = f"B={B}, n={n}, m={m}, weighted"
     with steps.step(f"wasserstein_1d {case}"):
-        native_ms = nat("wasserstein_1d", u, v, 1.0, uw, vw)
-        fallback_ms = best_ms(lambda: fallback.wasserstein_1d(u, v, 1.0, uw, vw), repeat)
         # POT is batched along its second axis and wants normalised weights
         ut, vt = np.ascontiguousarray(u.T), np.ascontiguousarray(v.T)
         uwt, vwt = np.ascontiguousarray((uw / uw.sum(1, keepdims=True)).T), np.ascontiguousarray(
             (vw / vw.sum(1, keepdims=True)).T
         )
-        pot_ms = best_ms(lambda: ot.wasserstein_1d(ut, vt, uwt, vwt, p=1), repeat)
+        t = compare_ms(
+            {
+                "native": nat("wasserstein_1d", u, v, 1.0, uw, vw),
+                "fallback": lambda: fallback.wasserstein_1d(u, v, 1.0, uw, vw),
+                "pot": lambda: ot.wasserstein_1d(ut, vt, uwt, vwt, p=1),
+            },
+            repeat,
+        )
+        native_ms, fallback_ms, pot_ms = t["native"], t["fallback"], t["pot"]
     rep.rows.append(
         Row("wasserstein_1d", case, native_ms, fallback_ms, "POT ot.wasserstein_1d (batched)", pot_ms,
             2 * (u.nbytes + v.nbytes) + B * 8)
@@ -270,9 +308,15 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
     theta = kernels.projections(d, L, 0)
     case = f"n={n}, m={m}, d={d}, L={L}"
     with steps.step(f"sliced_wasserstein {case}"):
-        native_ms = nat("sliced_wasserstein", X, Y, theta, 2.0, None, None)
-        fallback_ms = best_ms(lambda: fallback.sliced_wasserstein(X, Y, theta, 2.0), repeat)
-        pot_ms = best_ms(lambda: ot.sliced_wasserstein_distance(X, Y, n_projections=L, p=2, seed=0), repeat)
+        t = compare_ms(
+            {
+                "native": nat("sliced_wasserstein", X, Y, theta, 2.0, None, None),
+                "fallback": lambda: fallback.sliced_wasserstein(X, Y, theta, 2.0),
+                "pot": lambda: ot.sliced_wasserstein_distance(X, Y, n_projections=L, p=2, seed=0),
+            },
+            repeat,
+        )
+        native_ms, fallback_ms, pot_ms = t["native"], t["fallback"], t["pot"]
     rep.rows.append(
         Row("sliced_wasserstein", case, native_ms, fallback_ms, "POT ot.sliced_wasserstein_distance", pot_ms,
             X.nbytes + Y.nbytes + theta.nbytes)
@@ -280,7 +324,7 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
 
 
 def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                     nat: Callable[..., float | None], steps: _Steps) -> None:
+                     nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
     import torch
 
     K, N, P = size["agg"]
@@ -290,35 +334,48 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     bufs = [rng.standard_normal(P, dtype=np.float32) for _ in range(N)]
     case = f"K={K}, N={N} x {P:,}"
     out_bytes = K * P * 4
-    with steps.step(f"weighted_aggregate float32 {case}"):
-        native32 = nat("weighted_aggregate", W, bufs, np.float32)
-        fallback32 = best_ms(lambda: fallback.weighted_aggregate(W, bufs, np.float32), repeat)
-        stack_ms = best_ms(lambda: W32 @ np.stack(bufs), repeat)
-        X = np.stack(bufs)
-        pre_ms = best_ms(lambda: W32 @ X, repeat)
+    with steps.step(f"weighted_aggregate float32 / float16 {case}"):
+        X = np.stack(bufs)  # the pre-stacked baseline's input (stacking it is not part of its time)
+        h = [b.astype(np.float16) for b in bufs]
+        W1 = W[:1]  # K = 1 (FedAvg): 1 multiply-add per element read, memory-bound, where storage width shows
+        t = compare_ms(
+            {
+                "native32": nat("weighted_aggregate", W, bufs, np.float32),
+                "native16": nat("weighted_aggregate", W, h, np.float32),
+                "pre": lambda: W32 @ X,
+                "stack": lambda: W32 @ np.stack(bufs),
+                "fallback32": lambda: fallback.weighted_aggregate(W, bufs, np.float32),
+                "fallback16": lambda: fallback.weighted_aggregate(W, h, np.float32),
+                "native32_k1": nat("weighted_aggregate", W1, bufs, np.float32),
+                "native16_k1": nat("weighted_aggregate", W1, h, np.float32),
+                "fallback16_k1": lambda: fallback.weighted_aggregate(W1, h, np.float32),
+            },
+            repeat,
+        )
+    native32, native16, pre_ms, stack_ms = t["native32"], t["native16"], t["pre"], t["stack"]
+    fallback32, fallback16 = t["fallback32"], t["fallback16"]
+    native32_k1, native16_k1, fallback16_k1 = t["native32_k1"], t["native16_k1"], t["fallback16_k1"]
     traffic32 = N * P * 4 + out_bytes
     rep.rows += [
         Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms,
             traffic32),
         Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy np.stack + matmul", stack_ms, traffic32),
     ]
-    with steps.step(f"weighted_aggregate float16 / bfloat16 {case}"):
-        h = [b.astype(np.float16) for b in bufs]
-        native16 = nat("weighted_aggregate", W, h, np.float32)
-        fallback16 = best_ms(lambda: fallback.weighted_aggregate(W, h, np.float32), repeat)
+    with steps.step(f"weighted_aggregate bfloat16 {case}"):
         tb = [torch.from_numpy(b).to(torch.bfloat16) for b in bufs]
-        bits = [t.view(torch.float16).numpy() for t in tb]
-        flags = [True] * N
-        native_bf = nat("weighted_aggregate", W, bits, np.float32, flags)
-        # the NumPy path cannot read bfloat16: the face upcasts each tensor to float32 first
-        fallback_bf = best_ms(lambda: fallback.weighted_aggregate(W, [t.float().numpy() for t in tb], np.float32),
-                              repeat)
-        torch_bf = best_ms(lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb), repeat)
-        # K = 1 (FedAvg): 1 multiply-add per element read, memory-bound, where storage width shows
-        W1 = W[:1]
-        native32_k1 = nat("weighted_aggregate", W1, bufs, np.float32)
-        native16_k1 = nat("weighted_aggregate", W1, h, np.float32)
-        fallback16_k1 = best_ms(lambda: fallback.weighted_aggregate(W1, h, np.float32), repeat)
+        bits = [x.view(torch.float16).numpy() for x in tb]
+        t = compare_ms(
+            {
+                "native": nat("weighted_aggregate", W, bits, np.float32, [True] * N),
+                "native32": nat("weighted_aggregate", W, bufs, np.float32),
+                # the NumPy path cannot read bfloat16: the face upcasts each tensor to float32 first
+                "fallback": lambda: fallback.weighted_aggregate(W, [x.float().numpy() for x in tb], np.float32),
+                "torch": lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb),
+            },
+            repeat,
+        )
+    native_bf, fallback_bf, torch_bf = t["native"], t["fallback"], t["torch"]
+    native32_bfrun = t["native32"]
     traffic16 = N * P * 2 + out_bytes
     case1 = f"K=1 (FedAvg), N={N} x {P:,}"
     rep.rows += [
@@ -332,7 +389,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     near = _ratio(native32, pre_ms)
     x_stack = _ratio(stack_ms, native32)
     x16 = _ratio(native32, native16)
-    xbf = _ratio(native32, native_bf)
+    xbf = _ratio(native32_bfrun, native_bf)  # against float32 timed in the same rounds
     x16_k1 = _ratio(native32_k1, native16_k1)
     rep.targets += [
         Target("aggregate f32: native / (w @ X pre-stacked)", near, "<= 1.10", None if near is None else near <= 1.10),
@@ -346,7 +403,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
 
 
 def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                      nat: Callable[..., float | None], steps: _Steps) -> None:
+                      nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -359,9 +416,15 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         return [F.cosine_similarity(ta[i : i + 1], ta, dim=-1) for i in range(N)]
 
     with steps.step(f"cosine_similarity_matrix {case}"):
-        native_ms = nat("cosine_similarity_matrix", A, kernels.COSINE_EPS)
-        fallback_ms = best_ms(lambda: fallback.cosine_similarity_matrix(A, kernels.COSINE_EPS), repeat)
-        torch_ms = best_ms(torch_matrix, repeat)
+        t = compare_ms(
+            {
+                "native": nat("cosine_similarity_matrix", A, kernels.COSINE_EPS),
+                "fallback": lambda: fallback.cosine_similarity_matrix(A, kernels.COSINE_EPS),
+                "torch": torch_matrix,
+            },
+            repeat,
+        )
+        native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
         Row("cosine_similarity_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity", torch_ms,
             A.nbytes + N * N * 8)
@@ -376,9 +439,15 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         return [F.cosine_similarity(tm[i : i + 1], tm, dim=-1).mean(-1) for i in range(N)]
 
     with steps.step(f"rowwise_mean_cosine_matrix {case}"):
-        native_ms = nat("rowwise_mean_cosine_matrix", mats, kernels.COSINE_EPS)
-        fallback_ms = best_ms(lambda: fallback.rowwise_mean_cosine_matrix(mats, kernels.COSINE_EPS), repeat)
-        torch_ms = best_ms(torch_rowwise, repeat)
+        t = compare_ms(
+            {
+                "native": nat("rowwise_mean_cosine_matrix", mats, kernels.COSINE_EPS),
+                "fallback": lambda: fallback.rowwise_mean_cosine_matrix(mats, kernels.COSINE_EPS),
+                "torch": torch_rowwise,
+            },
+            repeat,
+        )
+        native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
         Row("rowwise_mean_cosine_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity + mean", torch_ms,
             N * r * c * 4 + N * N * 8)
