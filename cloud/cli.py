@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -100,7 +99,7 @@ def simulate(
     save_model: Optional[int] = typer.Option(None, "--save-model", "--save_model"),
     save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
     save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: one per core)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
     transport: Optional[str] = typer.Option(
         None, "--transport", help="memory (one process) or mqtt (real MQTT agents in worker processes)"
     ),
@@ -266,11 +265,9 @@ _mount_subcommands()
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
+    from fedcmd_core.cli_exit import run_cli
+
+    run_cli(app)
 
 
 if __name__ == "__main__":

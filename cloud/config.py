@@ -68,7 +68,8 @@ class RunConfig(BaseModel):
     workers: int = Field(0, ge=0, description="agent worker processes for --transport mqtt (0: one per core)")
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's, one per core)")
+    # One thread: LeNet-sized batches gain little from two, and lose 5x when another process holds a core.
+    threads: int = Field(1, ge=1, description="torch intra-op threads")
     out: Path | None = None
     # hyper-parameters of the chosen algorithm, validated by its own Params model
     hp: dict[str, Any] = Field(default_factory=dict)

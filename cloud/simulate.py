@@ -136,8 +136,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Validate the configuration and build the initial model and server strategy (ConfigError/DataError)."""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)
     try:
         parse_params(cfg.algo, cfg.hp)
     except ValueError as e:  # pydantic ValidationError is a ValueError

