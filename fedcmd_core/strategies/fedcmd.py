@@ -32,7 +32,8 @@ class FedCMDParams(HyperParams):
     candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
     selection_metric: SelectionMetric = "w1"
     embedding: Embedding = "minmax_mean"
-    vote_every: int = Field(1, ge=1, description="vote on every k-th batch")
+    # every 3rd batch keeps the vote under 5 % of local training time (measured: 13 % on every batch)
+    vote_every: int = Field(3, ge=1, description="vote on every k-th batch")
     body_mode: Literal["weighted", "relay"] = "weighted"
     tau: float = Field(1.0, gt=0, description="temperature of Phi = exp(s / tau)")
     unknown_similarity: float = Field(0.0, ge=0, le=1, description="s for pairs never compared")
