@@ -27,13 +27,24 @@ from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerConte
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
 
 
-class FedCMDParams(HyperParams):
+class SelectionParams(HyperParams):
+    """The personal-layer selection phase (shared with the ablation without weighted aggregation)."""
+
     selection_rounds: float = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
     candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
     selection_metric: SelectionMetric = "w1"
     embedding: Embedding = "minmax_mean"
     # every 3rd batch keeps the vote under 5 % of local training time (measured: 13 % on every batch)
     vote_every: int = Field(3, ge=1, description="vote on every k-th batch")
+
+    @model_validator(mode="after")
+    def _check(self) -> SelectionParams:
+        if self.selection_rounds >= 1 and self.selection_rounds != int(self.selection_rounds):
+            raise ValueError("selection_rounds must be a fraction < 1 or a whole number of rounds")
+        return self
+
+
+class FedCMDParams(SelectionParams):
     body_mode: Literal["weighted", "relay"] = "weighted"
     tau: float = Field(1.0, gt=0, description="temperature of Phi = exp(s / tau)")
     unknown_similarity: float = Field(0.0, ge=0, le=1, description="s for pairs never compared")
@@ -44,12 +55,6 @@ class FedCMDParams(HyperParams):
     server_lr: float = Field(
         1.0, gt=0, description="weighted mode: step on the mixed body update; 1 is the paper's plain mixing"
     )
-
-    @model_validator(mode="after")
-    def _check(self) -> FedCMDParams:
-        if self.selection_rounds >= 1 and self.selection_rounds != int(self.selection_rounds):
-            raise ValueError("selection_rounds must be a fraction < 1 or a whole number of rounds")
-        return self
 
 
 def selection_length(value: float, global_epoch: int) -> int:

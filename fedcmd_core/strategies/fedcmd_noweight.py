@@ -11,26 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field, model_validator
-
-from fedcmd_core.selection import Embedding, SelectionMetric
-from fedcmd_core.strategies.base import HyperParams, ServerStrategy, Task
-from fedcmd_core.strategies.fedcmd import FedCMDClient, FedCMDServer
+from fedcmd_core.strategies.base import ServerStrategy, Task
+from fedcmd_core.strategies.fedcmd import FedCMDClient, FedCMDServer, SelectionParams
 
 
-class FedCMDNoWeightParams(HyperParams):
-    # FedCMD's selection knobs only: the weighting and relay knobs have no meaning here.
-    selection_rounds: float = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
-    candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
-    selection_metric: SelectionMetric = "w1"
-    embedding: Embedding = "minmax_mean"
-    vote_every: int = Field(1, ge=1, description="vote on every k-th batch")
-
-    @model_validator(mode="after")
-    def _check(self) -> FedCMDNoWeightParams:
-        if self.selection_rounds >= 1 and self.selection_rounds != int(self.selection_rounds):
-            raise ValueError("selection_rounds must be a fraction < 1 or a whole number of rounds")
-        return self
+class FedCMDNoWeightParams(SelectionParams):
+    """FedCMD's selection knobs only: the weighting and relay knobs have no meaning here."""
 
 
 class FedCMDNoWeightServer(FedCMDServer):
