@@ -23,3 +23,23 @@ def test_status_prints_the_retained_status(mosquitto_broker) -> None:
         app, ["cloud", "status", "--broker", mosquitto_broker.url, "--fleet", "other", "--timeout", "1"]
     )
     assert missing.exit_code == 2 and "no coordinator status for fleet 'other'" in missing.output
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    from pathlib import Path
+
+    from cloud.serve import load_serve_config
+    from fedcmd_core.runspec import build_server
+
+    cfg = load_serve_config(Path(__file__).resolve().parents[1] / "deploy" / "cloud.example.toml")
+    assert cfg.run.algo == "fedcmd" and cfg.run.hp["server_lr"] == 8.0
+    server = build_server(cfg.run)
+    assert server.params.max_staleness == 1
+
+
+def test_bad_serve_config_is_one_line(tmp_path) -> None:
+    bad = tmp_path / "cloud.toml"
+    bad.write_text('fleet = "lab"\nrounds = 3\n[run]\nalgo = "fedcmd"\ninput_shape = [1, 28, 28]\nnum_classes = 10\n'
+                   "num_clients = 5\nglobal_epoch = 2\n")
+    result = CliRunner().invoke(app, ["cloud", "serve", "--config", str(bad)])
+    assert result.exit_code == 2 and "rounds" in result.output and "Traceback" not in result.output
