@@ -159,6 +159,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         eval_train=cfg.eval_train,
+        eval_test=cfg.eval_test,
         finetune_epoch=cfg.finetune_epoch,
     )
     try:

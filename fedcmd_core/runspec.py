@@ -43,6 +43,7 @@ class RunSpec(BaseModel):
     momentum: float = 0.0
     weight_decay: float = 0.0
     eval_train: bool = False
+    eval_test: bool = True
     finetune_epoch: int = 0
 
     def train_config(self) -> TrainConfig:
@@ -79,6 +80,7 @@ def build_client(
         seed=spec.seed,
         client_id=client_id,
         eval_train=spec.eval_train,
+        eval_test=spec.eval_test,
         finetune_epoch=spec.finetune_epoch,
         eval_data=eval_data,
     )

@@ -140,3 +140,13 @@ def test_console_script_runs_and_seed_spellings_work(tmp_path: Path, shared_part
     assert "paper metric" in proc.stdout
     cmp = subprocess.run([str(exe), "compare", str(out)], capture_output=True, text=True, timeout=60)
     assert cmp.returncode == 0 and "fedavg" in cmp.stdout
+
+
+def test_eval_flags_choose_the_splits(shared_partition: Path) -> None:
+    base = {"algo": "fedavg", "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
+            "global_epoch": 1, "local_epoch": 1, "test_gap": 0}
+    both = build_and_run(resolve({}, {**base, "eval_train": True}))
+    assert {"test_before_acc", "train_before_acc", "train_after_acc"} <= both.records[0].metrics.keys()
+    train_only = build_and_run(resolve({}, {**base, "eval_test": False, "eval_train": True}))
+    assert "test_before_acc" not in train_only.records[0].metrics
+    assert "train_after_acc" in train_only.records[0].metrics

@@ -191,6 +191,7 @@ class ClientContext:
     seed: int
     client_id: int
     eval_train: bool = False
+    eval_test: bool = True
     finetune_epoch: int = 0
     eval_data: ClientData | None = None  # global test set, when --global_testset
 
@@ -309,7 +310,9 @@ class ClientStrategy:
     def _evaluate(self, when: str) -> dict[str, float]:
         out: dict[str, float] = {}
         test = self.ctx.eval_data or self.ctx.data
-        splits: list[tuple[str, EvalResult]] = [("test", evaluate(self.ctx.model, test.x_test, test.y_test))]
+        splits: list[tuple[str, EvalResult]] = []
+        if self.ctx.eval_test:
+            splits.append(("test", evaluate(self.ctx.model, test.x_test, test.y_test)))
         if self.ctx.eval_train:
             splits.append(("train", evaluate(self.ctx.model, self.ctx.data.x_train, self.ctx.data.y_train)))
         for split, res in splits:
