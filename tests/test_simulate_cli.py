@@ -150,3 +150,41 @@ def test_eval_flags_choose_the_splits(shared_partition: Path) -> None:
     train_only = build_and_run(resolve({}, {**base, "eval_test": False, "eval_train": True}))
     assert "test_before_acc" not in train_only.records[0].metrics
     assert "train_after_acc" in train_only.records[0].metrics
+
+
+def test_stragglers_external_weights_and_global_testset(tmp_path: Path, shared_partition: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from fedcmd_core.models import build_model
+    from fedcmd_core.params import model_arrays
+    from protocols.codec import decode
+    from protocols.memory import MemoryTransport
+
+    base = {"algo": "fedavg", "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
+            "global_epoch": 2, "local_epoch": 3, "test_gap": 0, "seed": 2}
+    transport = MemoryTransport()
+    epochs: list[int] = []
+    def on_task(topic: str, payload: bytes) -> None:
+        header = decode(payload)[0]
+        if header.kind == "fit":
+            epochs.append(header.payload["local_epoch"])
+
+    transport.subscribe("fedcmd/+/client/+/task", on_task)
+    build_and_run(resolve({}, {**base, "straggler_ratio": 1.0, "straggler_min_local_epoch": 1}), transport=transport)
+    assert epochs and all(1 <= e < 3 for e in epochs)
+
+    weights = model_arrays(build_model("lenet5", (1, 28, 28), 10, seed=123))
+    weights = {k: (np.zeros_like(v) if k.startswith("classifier.") else v) for k, v in weights.items()}
+    path = tmp_path / "init.safetensors"
+    save_file(weights, str(path))
+    zero_head = build_and_run(resolve({}, {**base, "global_epoch": 1, "external_model_params_file": path}))
+    # an all-zero classifier predicts class 0 for everything: accuracy = share of 0s in the round's test sets
+    round0 = zero_head.records[0]
+    labels = np.concatenate([np.load(shared_partition)[f"test_{c}"] for c in round0.clients])
+    from fedcmd_core.data import load_dataset
+
+    y = load_dataset("mnist5k").y.numpy()
+    assert round0.metrics["test_before_acc"] == pytest.approx(100 * np.mean(y[labels] == 0))
+
+    glob = build_and_run(resolve({}, {**base, "global_epoch": 1, "global_testset": True}))
+    assert glob.records[0].metrics["test_before_loss"] > 0 and glob.final["test_before_acc"] > 0
