@@ -1,0 +1,64 @@
+"""``fedcmd experiment GRID.toml``: mounted on the main app by ``cloud.cli._mount_subcommands``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cloud.cli import app, console, err_console
+
+
+@app.command("experiment")
+def experiment(
+    grid_file: Path = typer.Argument(..., help="grid TOML: name, out, [grid] algos/datasets/alphas/seeds"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel cell processes (default: core count)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and whether each is done, then exit"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Run algorithms x datasets x alpha x seeds; resumable; writes table.md, table.csv, curves-<dataset>.png."""
+    from cloud.experiment import GridError, Outcome, is_done, load_grid, run_grid, validate, write_curves, write_tables
+
+    try:
+        grid = load_grid(grid_file)
+    except GridError as e:
+        for line in e.lines:
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    problems = validate(grid)
+    if problems:
+        for line in problems:
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"{len(problems)} problem(s); no cell was run", highlight=False)
+        raise typer.Exit(2)
+    if jobs is not None and jobs < 1:
+        err_console.print("[bold red]error:[/] --jobs must be at least 1", highlight=False)
+        raise typer.Exit(2)
+    if dry_run:
+        for cell in grid.cells:
+            state = "done" if is_done(cell, grid.out) else "todo"
+            console.print(f"{state}  {cell.key}  -> {cell.folder(grid.out)}", highlight=False, soft_wrap=True)
+        console.print(f"{len(grid.cells)} cells", highlight=False)
+        return
+    progress = Progress(
+        TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, disable=quiet, transient=True,
+    )
+    with progress:
+        task = progress.add_task(grid.name, total=len(grid.cells), status="")
+
+        def on_done(outcome: Outcome) -> None:
+            progress.update(task, advance=1, status=f"{outcome.status}: {outcome.cell.key}")
+            if outcome.status == "failed":
+                progress.console.print(f"[red]failed[/] {outcome.cell.key}: {outcome.message} (log: {outcome.log})",
+                                       highlight=False, soft_wrap=True)
+
+        outcomes = run_grid(grid, jobs or os.cpu_count() or 1, on_done)
+    md, csv_path = write_tables(grid)
+    pngs = write_curves(grid)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    console.print(f"{counts['done']} run, {counts['skipped']} already done, {counts['failed']} failed; "
+                  f"wrote {md}, {csv_path}, {len(pngs)} curve PNG(s)", highlight=False, soft_wrap=True)
