@@ -187,15 +187,11 @@ def simulate(
 
 
 def _setup_logging(buffer: io.StringIO, quiet: bool) -> None:
-    root = logging.getLogger("fedcmd")
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    file_handler = logging.StreamHandler(buffer)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root.addHandler(file_handler)
+    from cloud.run_output import capture_log
+
+    root = capture_log(buffer)
     screen = RichHandler(console=err_console, show_path=False, level=logging.WARNING)
     root.addHandler(screen)
-    root.propagate = False
 
 
 def _round_table(records: list[Any]) -> Table:

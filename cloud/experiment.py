@@ -182,13 +182,7 @@ def run_cell(values: dict[str, Any], folder: str) -> str:
     from cloud.simulate import build_and_run
 
     buffer = io.StringIO()
-    root = logging.getLogger("fedcmd")
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.propagate = False
+    run_output.capture_log(buffer)
     cfg = resolve(dict(values), {})
 
     def on_round(record: Any) -> None:

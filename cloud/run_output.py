@@ -7,7 +7,9 @@ at the end, so a failed or interrupted run never leaves a half-written run folde
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,6 +34,18 @@ METRIC_COLUMNS = [
     "all_test_before_acc",
     "all_test_after_acc",
 ]
+
+
+def capture_log(buffer: io.StringIO) -> logging.Logger:
+    """Send every ``fedcmd.*`` log record of this process into ``buffer`` (the run's run.log)."""
+    root = logging.getLogger("fedcmd")
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False
+    return root
 
 
 def default_out(cfg: RunConfig) -> Path:
