@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cloud.cli_errors import err_console, fail
 from cloud.config import ConfigError, load_config_file, resolve
 
 app = typer.Typer(
@@ -23,7 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=False)
-err_console = Console(stderr=True)
 
 
 SUBCOMMANDS = (
@@ -41,11 +41,6 @@ def _mount_subcommands() -> None:
         app.add_typer(getattr(importlib.import_module(module), attr), name=name, help=help_text)
     importlib.import_module("cloud.bench_fleet")  # adds `bench fleet` to the bench sub-app
     importlib.import_module("cloud.cli_experiment")  # adds the `experiment` command to the main app
-
-
-def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _parse_hp(values: list[str] | None) -> dict[str, Any]:

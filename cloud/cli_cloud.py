@@ -10,14 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.cli_errors import fail
+
 cloud_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
 console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 @cloud_app.command()
@@ -31,7 +27,7 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
     try:
         records = run_service(load_serve_config(config))
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
         return
     console.print(f"finished {len(records)} rounds")
 
@@ -48,13 +44,13 @@ def status(
 
     transport = MqttTransport(broker, f"{fleet}-status-reader")
     if not transport.wait_connected(timeout):
-        _fail(f"cannot connect to the MQTT broker at {broker}")
+        fail(f"cannot connect to the MQTT broker at {broker}")
     got: dict = {}
     transport.subscribe(status_topic(fleet), lambda t, p: got.update(json.loads(p)))
     transport.run_until(lambda: bool(got), timeout)
     transport.close()
     if not got:
-        _fail(f"no coordinator status for fleet {fleet!r} on {broker}")
+        fail(f"no coordinator status for fleet {fleet!r} on {broker}")
     table = Table(title=f"fleet {fleet}")
     table.add_column("field")
     table.add_column("value")

@@ -8,9 +8,9 @@ from typing import Any, NoReturn
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from cloud.cli_errors import fail
 from fedcmd_core.data import (
     DATASET_NAMES,
     DataError,
@@ -30,7 +30,6 @@ data_app = typer.Typer(
 )
 # Resolved at print time, so test runners that swap sys.stdout/sys.stderr see the output.
 _out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
 _NAMES = ", ".join(DATASET_NAMES)
 _HELP = {
     "dataset": f"Dataset to split: {_NAMES}.",
@@ -51,8 +50,7 @@ _HELP = {
 
 
 def _fail(message: str) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
-    raise typer.Exit(2)
+    fail(" ".join(message.split()))  # one line, whatever the wrapped exception text looked like
 
 
 def _default_out(dataset: str, args: PartitionArgs, natural: bool) -> Path:

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cloud.cli_errors import fail
+
 deploy_app = typer.Typer(
     help="Broker security: TLS certificates, the mosquitto password file and ACL for a fleet.",
     no_args_is_help=True,
@@ -22,7 +24,6 @@ deploy_app = typer.Typer(
 )
 # Resolved at print time, so test runners that swap sys.stdout/sys.stderr see the output.
 _out = Console(highlight=False, soft_wrap=True)
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _DEVICES = "Client ids: 0,1,2 or ranges such as 0-99,200 (MQTT username = the id)."
 _COUNT = "Devices 0..N-1 (instead of --devices)."
@@ -30,8 +31,7 @@ _FORCE = "Overwrite existing output files (never the CA key)."
 
 
 def _fail(message: str) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}")
-    raise typer.Exit(2)
+    fail(" ".join(message.split()))  # one line, whatever the wrapped exception text looked like
 
 
 def _say(message: str) -> None:

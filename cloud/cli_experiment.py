@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cloud.cli import app, console, err_console
+from cloud.cli import app, console
+from cloud.cli_errors import err_console, fail, print_error
 
 
 @app.command("experiment")
@@ -26,17 +27,16 @@ def experiment(
         grid = load_grid(grid_file)
     except GridError as e:
         for line in e.lines:
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            print_error(line)
         raise typer.Exit(2) from None
     problems = validate(grid)
     if problems:
         for line in problems:
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            print_error(line)
         err_console.print(f"{len(problems)} problem(s); no cell was run", highlight=False)
         raise typer.Exit(2)
     if jobs is not None and jobs < 1:
-        err_console.print("[bold red]error:[/] --jobs must be at least 1", highlight=False)
-        raise typer.Exit(2)
+        fail("--jobs must be at least 1")
     if dry_run:
         for cell in grid.cells:
             state = "done" if is_done(cell, grid.out) else "todo"

@@ -3,6 +3,8 @@
 A grid file names ``name``, ``out`` and a ``[grid]`` table of lists (``algos``, ``datasets``, ``alphas``,
 ``seeds``); ``[common]`` holds any ``RunConfig`` field for every cell, ``[hp.<algo>]`` an algorithm's
 hyper-parameters and ``[dataset.<name>]`` per-dataset overrides (e.g. ``model = "2nn"`` for synthetic).
+``[variant.<label>]`` defines a named row: ``algo = "<algorithm>"`` plus its hyper-parameters (e.g. FedCMD's
+``body_mode = "relay"``); ``algos`` may then list the label beside plain algorithm names.
 Every cell is validated before any runs. Each cell writes a normal run folder under
 ``<out>/cells/<algo>/<dataset>/a<alpha>/s<seed>/``; a cell whose folder holds ``summary.json`` is done and
 is not rerun. A cell that raises is recorded as failed, its traceback in ``<cell folder>.failed.log``.
@@ -35,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_KEYS = {"name", "out", "grid", "common", "hp", "dataset"}
+TOP_KEYS = {"name", "out", "grid", "common", "hp", "dataset", "variant"}
 GRID_KEYS = ("algos", "datasets", "alphas", "seeds")
 RESERVED = {"algo", "dataset", "alpha", "seed", "hp", "out", "partition"}
 
@@ -104,7 +106,8 @@ def load_grid(path: Path) -> Grid:
     common = data.get("common", {})
     hp = data.get("hp", {})
     overrides = data.get("dataset", {})
-    for label, table in (("[common]", common), ("[hp]", hp), ("[dataset]", overrides)):
+    variants = data.get("variant", {})
+    for label, table in (("[common]", common), ("[hp]", hp), ("[dataset]", overrides), ("[variant]", variants)):
         if not isinstance(table, dict):
             errors.append(f"{label} must be a table")
     if errors:
@@ -123,16 +126,27 @@ def load_grid(path: Path) -> Grid:
             errors.append(f"[hp.{algo}] must be a table")
         elif algo not in grid["algos"]:
             errors.append(f"[hp.{algo}] names an algorithm that is not in [grid] algos")
+    rows: dict[str, tuple[str, dict[str, Any]]] = {}  # row label -> (algorithm, its hyper-parameters)
+    for label, table in variants.items():
+        if not isinstance(table, dict) or not isinstance(table.get("algo"), str):
+            errors.append(f'[variant.{label}] must be a table with algo = "<algorithm>"')
+        elif label not in grid["algos"]:
+            errors.append(f"[variant.{label}] is not listed in [grid] algos")
+        elif label in hp:
+            errors.append(f"[hp.{label}] and [variant.{label}] both set; put the variant's values in the variant")
+        else:
+            rows[label] = (table["algo"], {k: v for k, v in table.items() if k != "algo"})
     if errors:
         raise GridError(errors)
     cells = []
-    for algo in grid["algos"]:
+    for row in grid["algos"]:
+        algo, row_hp = rows.get(row, (row, dict(hp.get(row, {}))))
         for ds in grid["datasets"]:
             for alpha in grid["alphas"]:
                 for seed in grid["seeds"]:
                     values = {**common, **overrides.get(ds, {})}
-                    values.update(algo=algo, dataset=ds, alpha=alpha, seed=seed, hp=dict(hp.get(algo, {})))
-                    cells.append(Cell(str(algo), str(ds), alpha, seed, values))
+                    values.update(algo=algo, dataset=ds, alpha=alpha, seed=seed, hp=dict(row_hp))
+                    cells.append(Cell(str(row), str(ds), alpha, seed, values))
     return Grid(str(data.get("name", path.stem)), Path(data["out"]), [str(a) for a in grid["algos"]],
                 [str(d) for d in grid["datasets"]], list(grid["alphas"]), list(grid["seeds"]), cells)
 

@@ -67,6 +67,9 @@ def test_tiny_grid_runs_tables_curves_resume_and_a_crashed_cell(tmp_path: Path) 
         ({"alphas": "0.5, -1.0"}, "cell fedavg/digits/a-1.0/s1: alpha:", 4),
         ({"extra": "[hp.fedavg]\nnot_a_knob = 3\n"}, "cell fedavg/digits/a0.5/s1: bad hyper-parameter for fedavg", 2),
         ({"extra": '[dataset.digits]\nroot = "/no/such/root"\n'}, "cell fedavg/digits/a0.5/s1: dataset root", 4),
+        ({"extra": '[variant.odd]\nalgo = "fedcmd"\n'}, "[variant.odd] is not listed in [grid] algos", 1),
+        ({"algos": '"fedavg", "relay"', "extra": '[variant.relay]\nalgo = "fedcmd"\nbody_mode = "sideways"\n'},
+         "cell relay/digits/a0.5/s1: bad hyper-parameter for fedcmd: body_mode", 2),
     ],
 )
 def test_bad_grid_is_rejected_before_any_cell_runs(tmp_path: Path, kwargs: dict[str, str], expected: str,
@@ -79,12 +82,23 @@ def test_bad_grid_is_rejected_before_any_cell_runs(tmp_path: Path, kwargs: dict[
     assert not (tmp_path / "out").exists()
 
 
+def test_variant_rows_carry_their_algorithm_and_hyper_parameters(tmp_path: Path) -> None:
+    from cloud.experiment import load_grid, validate
+
+    extra = '[hp.fedcmd]\ntau = 0.5\n[variant.fedcmd-relay]\nalgo = "fedcmd"\nbody_mode = "relay"\n'
+    grid = load_grid(_grid(tmp_path, algos='"fedcmd", "fedcmd-relay"', extra=extra))
+    assert validate(grid) == []
+    rows = {c.algo: (c.values["algo"], c.values["hp"]) for c in grid.cells}
+    assert rows == {"fedcmd": ("fedcmd", {"tau": 0.5}), "fedcmd-relay": ("fedcmd", {"body_mode": "relay"})}
+    assert grid.cells[-1].folder(tmp_path).parts[-4] == "fedcmd-relay"
+
+
 def test_shipped_grids_validate(tmp_path: Path) -> None:
     from cloud.experiment import load_grid, validate
 
     repo = Path(__file__).resolve().parents[1]
     offline = load_grid(repo / "experiments" / "offline.toml")
-    assert len(offline.cells) == 14 * 3 * 3 * 3 and validate(offline) == []
+    assert len(offline.cells) == 16 * 3 * 3 * 3 and validate(offline) == []
     paper = tmp_path / "paper.toml"
     text = (repo / "experiments" / "paper_alpha.toml").read_text()
     paper.write_text(text.replace("/path/to/datasets", str(tmp_path)))
