@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -222,6 +223,23 @@ def _run_cell_safe(values: dict[str, Any], folder: str, log_path: str) -> tuple[
     return True, ""
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initialiser: on Linux, ask the kernel to SIGTERM this worker when the grid process dies.
+
+    Without it, a grid killed with SIGTERM or SIGKILL left its workers running their cells, racing a
+    restarted grid for the same folders. A grid that died while this worker was still starting (before
+    the request) is caught by the parent check after it.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def run_grid(grid: Grid, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Run every cell without ``summary.json`` in up to ``jobs`` spawned processes."""
     outcomes: list[Outcome] = []
@@ -235,7 +253,9 @@ def run_grid(grid: Grid, jobs: int, on_done: Callable[[Outcome], None] | None = 
             todo.append(cell)
     if todo:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(todo))), mp_context=ctx) as pool:
+        workers = max(1, min(jobs, len(todo)))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {
                 pool.submit(_run_cell_safe, c.values, str(c.folder(grid.out)), str(failed_log(c, grid.out))): c
                 for c in todo

@@ -106,3 +106,49 @@ def test_shipped_grids_validate(tmp_path: Path) -> None:
     assert validate(grid) == [] and {c.values["client_num"] for c in grid.cells} == {100}
     unset = validate(load_grid(repo / "experiments" / "paper_alpha.toml"))
     assert unset and all("dataset root /path/to/datasets does not exist" in line for line in unset)
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        out.update(int(c) for c in children)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_grid(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = _grid(tmp_path, extra="").read_text().replace("global_epoch = 2", "global_epoch = 500")
+    (tmp_path / "grid.toml").write_text(grid)
+    fedcmd = Path(sys.executable).parent / "fedcmd"
+    proc = subprocess.Popen([str(fedcmd), "experiment", str(tmp_path / "grid.toml"), "--jobs", "2", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 60
+        workers: set[int] = set()
+        while time.monotonic() < end and len(workers) < 2:
+            workers = {c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+            time.sleep(0.2)
+        assert len(workers) == 2, "the grid never started its two workers"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        end = time.monotonic() + 15
+        while time.monotonic() < end and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers outlived the killed grid"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
