@@ -256,11 +256,7 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders written by 
 _mount_subcommands()
 
 
-def main() -> None:
-    from fedcmd_core.cli_exit import run_cli
+if __name__ == "__main__":  # `python -m cloud.cli`: run the one imported copy of this module, not __main__
+    from cloud.__main__ import main
 
-    run_cli(app)
-
-
-if __name__ == "__main__":
     main()
