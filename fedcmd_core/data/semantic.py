@@ -51,10 +51,10 @@ def pca_features(dataset: Dataset, components: int, seed: int, rng: np.random.Ra
     n = len(flat)
     fit_rows = np.sort(rng.choice(n, PCA_FIT_SAMPLES, replace=False)) if n > PCA_FIT_SAMPLES else np.arange(n)
     d = min(components, flat.shape[1], len(fit_rows))
-    pca = PCA(n_components=d, random_state=seed).fit(flat[fit_rows].astype(np.float64))
-    out = np.empty((n, d), dtype=np.float64)
+    pca = PCA(n_components=d, random_state=seed).fit(flat[fit_rows])  # float32: half the memory of float64
+    out = np.empty((n, d), dtype=np.float64)  # the mixtures are fitted in float64
     for i in range(0, n, _CHUNK):
-        out[i:i + _CHUNK] = pca.transform(flat[i:i + _CHUNK].astype(np.float64))
+        out[i:i + _CHUNK] = pca.transform(flat[i:i + _CHUNK])
     return out
 
 
