@@ -369,6 +369,14 @@ PYBIND11_MODULE(_native, m) {
         "[K, P] = weights [K, N] @ buffers; buffers [N, P] or N 1-D float16/32/64 arrays (bf16 flags: bfloat16 bits).");
   m.def("cosine_similarity_matrix", &cosine_similarity_matrix, py::arg("A"), py::arg("eps"));
   m.def("rowwise_mean_cosine_matrix", &rowwise_mean_cosine_matrix, py::arg("mats"), py::arg("eps"));
+  m.def(
+      "fma_peak_gflops",
+      [](int64_t vector_fmas) {
+        if (vector_fmas < 1) throw py::value_error("fma_peak_gflops: vector_fmas must be >= 1");
+        py::gil_scoped_release unlocked;
+        return fedcmd::fma_peak_gflops(vector_fmas);
+      },
+      py::arg("vector_fmas"), "Measured float32 multiply-add throughput of all kernel threads (G/s).");
   m.def("max_threads", &fedcmd::max_threads, "OpenMP threads a kernel uses (OMP_NUM_THREADS, else the cores).");
   py::dict info;
 #ifdef _OPENMP

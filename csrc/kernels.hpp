@@ -39,6 +39,11 @@ void weighted_aggregate(const double* W, int64_t K, int64_t N, const Buffer* buf
 // out [N, N]: mean over the r rows of cos(item_i[k], item_j[k]); items are N contiguous [r, c] blocks.
 void rowwise_mean_cosine(const Buffer* items, int64_t N, int64_t r, int64_t c, double eps, double* out);
 
+// ---- peak.cpp
+// Measured fused multiply-add throughput of all OpenMP threads, in GFLOP-lanes/s (float32 multiply-adds per
+// second / 1e9), from `vector_fmas` 8-lane FMAs in independent register chains.
+double fma_peak_gflops(int64_t vector_fmas);
+
 // ---- bindings.cpp helpers shared by the kernels
 int max_threads();
 

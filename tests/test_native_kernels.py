@@ -422,6 +422,9 @@ def test_bench_kernels_quick_json():
     start = result.stdout.index("{")
     rep = json.loads(result.stdout[start:])
     assert rep["backend"] == K.backend() and rep["copy_gbps"] > 0
+    assert (rep["fma_gflops"] > 0) if native is not None else rep["fma_gflops"] is None
+    f16 = next(t for t in rep["targets"] if t["name"] == "aggregate: f32 native / f16 native")
+    assert ("multiply-add floor" in f16["note"]) == (native is not None)
     kernels_seen = {r["kernel"] for r in rep["rows"]}
     assert kernels_seen == {
         "wasserstein_pairwise",
