@@ -190,9 +190,7 @@ def _dataset_for(part: Partition, name: str | None, root: Path | None, download:
         name = recorded
     if name is None:
         return None
-    name = name.strip().lower()
-    options = part.meta.get("dataset_options", {}) if name == recorded else {}
-    return load_dataset(name, root=root, download=download, **options)
+    return load_dataset(name, root=root, download=download, **part.dataset_options(name))
 
 
 @data_app.command()

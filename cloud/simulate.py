@@ -49,11 +49,15 @@ def load_data(cfg: RunConfig) -> tuple[Dataset, Partition]:
     options: dict[str, Any] = {}
     if cfg.dataset == "synthetic":
         options = {"client_num": cfg.client_num, "seed": cfg.seed}
-    dataset = load_dataset(cfg.dataset, root=cfg.root, download=cfg.download, **options)
     if cfg.partition is not None:
         if not cfg.partition.is_file():
             raise DataError(f"partition file {cfg.partition} does not exist; make one with `fedcmd data partition`")
-        return dataset, Partition.load(cfg.partition, dataset)
+        part = Partition.load(cfg.partition)
+        dataset = load_dataset(cfg.dataset, root=cfg.root, download=cfg.download,
+                               **(part.dataset_options(cfg.dataset) or options))
+        part.check(dataset, source=str(cfg.partition))
+        return dataset, part
+    dataset = load_dataset(cfg.dataset, root=cfg.root, download=cfg.download, **options)
     args = PartitionArgs(
         client_num=cfg.client_num,
         iid=cfg.iid,

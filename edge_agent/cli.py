@@ -86,8 +86,9 @@ def run(
         username = str(client_id)  # the ACL convention of `fedcmd deploy`: a device's username is its id
     tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
     try:
-        ds = load_dataset(dataset, root=root)
-        part = Partition.load(data, ds)
+        part = Partition.load(data)
+        ds = load_dataset(dataset, root=root, **part.dataset_options(dataset))  # as the partition was made
+        part.check(ds, source=str(data))
     except DataError as e:
         fail(str(e))
         return

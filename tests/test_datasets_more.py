@@ -319,3 +319,26 @@ def test_simulate_runs_one_round_on_a_tiny_cinic10_root(tmp_path: Path) -> None:
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2  # header + round 1
     assert 0 <= summary["final_personalized_acc"] <= 100
+
+
+def test_simulate_loads_the_dataset_as_its_partition_was_made(tmp_path: Path) -> None:
+    """A partition of CelebA limited to one celebrity (--max-users 1) indexes 5 images: simulate reloads the
+    dataset with the options the partition recorded, not the full 11-image set."""
+    from cloud.cli import app
+
+    write_celeba(tmp_path)
+    part = tmp_path / "p.npz"
+    made = CliRunner().invoke(app, [
+        "data", "partition", "-d", "celeba", "--root", str(tmp_path), "--max-users", "1", "-cn", "1",
+        "-ls", "2", "--out", str(part),
+    ])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "simulate", "--algo", "fedavg", "-d", "celeba", "--root", str(tmp_path), "--partition", str(part),
+        "-jr", "1", "-ge", "1", "-le", "1", "-tg", "0", "--quiet", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "celeba"
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2

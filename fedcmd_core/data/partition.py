@@ -177,6 +177,13 @@ class Partition:
             part.check(dataset, source=str(path))
         return part
 
+    def dataset_options(self, name: str) -> dict[str, Any]:
+        """The loader options this partition was made with (e.g. CelebA's max_users), when made for ``name``:
+        loading the dataset with other options would index a different sample list."""
+        if self.meta.get("dataset") != name.strip().lower():
+            return {}
+        return dict(self.meta.get("dataset_options") or {})
+
     def check(self, dataset: Dataset, source: str = "this partition") -> None:
         """Raise DataError unless the partition fits ``dataset`` (its name if recorded, index range)."""
         made_for = self.meta.get("dataset")
