@@ -1,7 +1,8 @@
-"""``fedcmd deploy certs|users|acl``: the broker's TLS certificates, password file and ACL.
+"""``fedcmd deploy certs|users|acl|systemd``: broker security files and the fleet's systemd units.
 
-Thin command-line face of :mod:`cloud.security` (imported per command, so that a machine without the
-``cryptography`` package still has every other ``fedcmd`` command). See deploy/mosquitto/README.md.
+Thin command-line face of :mod:`cloud.security` and :mod:`cloud.systemd_units` (imported per command,
+so that a machine without the ``cryptography`` package still has every other ``fedcmd`` command).
+See deploy/README.md and deploy/mosquitto/README.md.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cloud.cli_errors import fail
+from cloud.cli_errors import fail, print_error
 
 deploy_app = typer.Typer(
-    help="Broker security: TLS certificates, the mosquitto password file and ACL for a fleet.",
+    help="Deployment: TLS certificates, the mosquitto password file and ACL, systemd units for a fleet.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -135,3 +136,39 @@ def acl(
     except SecurityError as exc:
         _fail(str(exc))
     _say(f"{_rel(out)}: ACL for fleet {fleet} (devices: username = client id). Reload mosquitto (SIGHUP) to apply.")
+
+
+@deploy_app.command()
+def systemd(
+    inventory: Path = typer.Option(..., "--inventory", "-i", help="fleet.toml: the devices, their ids and profiles."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <host or id>/fedcmd-agent.service per device "
+                                                      "and fedcmd-coordinator.service."),
+    prefix: str = typer.Option("/opt/fedcmd", "--prefix", help="Where fedcmd is installed on the machines (a venv: "
+                                                               "ExecStart runs PREFIX/bin/fedcmd-edge)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing unit files."),
+) -> None:
+    """systemd units: one agent unit per device of the inventory, and the coordinator's unit.
+
+    Each agent unit runs `fedcmd-edge run` with the device's id, profile, data, dataset, state dir and
+    credentials, under user fedcmd, hardened, with MemoryMax from the profile's memory budget."""
+    from cloud.inventory import InventoryError, load_inventory
+    from cloud.security import OutFile, SecurityError, write_files
+    from cloud.systemd_units import UnitError, render_units
+
+    try:
+        inv = load_inventory(inventory)
+    except InventoryError as exc:
+        for line in exc.lines:  # every problem at once, one line each
+            print_error(" ".join(line.split()))
+        raise typer.Exit(2) from None
+    try:
+        units = render_units(inv, prefix)
+        # Unit files are not secret: 0644, as systemd expects them under /etc/systemd/system.
+        write_files([OutFile(out / rel, text.encode(), 0o644) for rel, text in units.items()], force=force)
+    except (UnitError, SecurityError) as exc:
+        _fail(str(exc))
+    n = len(units) - 1
+    _say(f"{_rel(out)}: {n} agent unit{'s' * (n != 1)} (<host or id>/fedcmd-agent.service) and "
+         "fedcmd-coordinator.service.")
+    _say("Install: copy a device's unit to /etc/systemd/system/ on it, then systemctl enable --now "
+         "fedcmd-agent (deploy/README.md).")
