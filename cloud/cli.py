@@ -30,7 +30,7 @@ SUBCOMMANDS = (
     ("cloud.cli_data", "data_app", "data", "Partition datasets among clients and inspect partitions."),
     ("cloud.cli_cloud", "cloud_app", "cloud", "The coordinator service: serve a fleet, read its status."),
     ("cloud.cli_bench", "bench_app", "bench", "Benchmarks: kernels against their named baselines."),
-    ("cloud.cli_deploy", "deploy_app", "deploy", "Broker security: TLS certificates, password file, ACL."),
+    ("cloud.cli_deploy", "deploy_app", "deploy", "Deployment: TLS certificates, password file, ACL, systemd units."),
 )
 
 

@@ -546,6 +546,7 @@ def test_dockerfile_pins_sources_and_stages() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert _dockerfile_pins(text) == _makefile_pins()
     assert all("==" in pin for pins in _makefile_pins().values() for pin in pins.split())  # never unpinned
+    assert 'pip install $(cat /opt/fedcmd/torch-pins.txt) ".[full]"' in text  # the coordinator's stack
     stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.M)
     assert stages == [("python:3.11-slim", "build"), ("python:3.11-slim", "")]
     final = text.split("\nFROM python:3.11-slim\n", 1)[1]
