@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,17 +35,25 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
 
 @cloud_app.command()
 def status(
-    broker: str = typer.Option(..., "--broker", help="mqtt://host:port"),
+    broker: str = typer.Option(..., "--broker", help="mqtt://host:port or mqtts://host:port"),
     fleet: str = typer.Option("default", "--fleet"),
-    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the retained status"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the broker and the retained status"),
+    username: Optional[str] = typer.Option(None, "--username", help="MQTT username (the ACL's `observer`)"),
+    password_file: Optional[Path] = typer.Option(None, "--password-file", help="file holding the MQTT password"),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (TLS)"),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="client certificate (TLS)"),
+    key: Optional[Path] = typer.Option(None, "--key", help="client private key (TLS)"),
 ) -> None:
     """Print the coordinator's retained status."""
-    from protocols.mqtt import MqttTransport
+    from protocols.mqtt import connect
     from protocols.topics import status_topic
+    from protocols.transport import TransportError
 
-    transport = MqttTransport(broker, f"{fleet}-status-reader")
-    if not transport.wait_connected(timeout):
-        fail(f"cannot connect to the MQTT broker at {broker}")
+    try:
+        transport = connect(broker, f"{fleet}-status-reader", username=username, password_file=password_file, ca=ca,
+                            cert=cert, key=key, connect_timeout=timeout)
+    except TransportError as e:
+        fail(str(e))
     got: dict = {}
     transport.subscribe(status_topic(fleet), lambda t, p: got.update(json.loads(p)))
     transport.run_until(lambda: bool(got), timeout)

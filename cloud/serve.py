@@ -67,20 +67,20 @@ def load_serve_config(path: Path) -> ServeConfig:
 
 def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
     """Run (or resume) the federated training described by ``cfg``; returns the round records."""
-    from protocols.mqtt import MqttTransport, TlsConfig
+    from protocols.mqtt import connect
+    from protocols.transport import TransportError
 
     try:
         server = build_server(cfg.run)
     except ValueError as e:
         raise ConfigError(f"run: {e}") from None
     if transport is None:
-        password = cfg.password_file.read_text().strip() if cfg.password_file else None
-        tls = TlsConfig(str(cfg.ca), str(cfg.cert) if cfg.cert else None, str(cfg.key) if cfg.key else None) \
-            if cfg.ca else None
-        transport = MqttTransport(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
-                                  password=password, tls=tls)
-        if not transport.wait_connected(30):
-            raise ConfigError(f"cannot connect to the MQTT broker at {cfg.broker}")
+        try:
+            transport = connect(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
+                                password_file=cfg.password_file, ca=cfg.ca, cert=cfg.cert, key=cfg.key,
+                                connect_timeout=30.0)
+        except TransportError as e:
+            raise ConfigError(str(e)) from None
     settings = RoundSettings(
         num_clients=cfg.run.num_clients,
         global_epoch=cfg.run.global_epoch,

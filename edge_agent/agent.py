@@ -45,13 +45,15 @@ class Agent:
             log.info("client %d: restored state from %s", client_id, self.state_file)
         transport.subscribe(task_topic(fleet, client_id), self._on_task)
 
-    def announce(self, state: str = "online") -> None:
-        """Retained presence: how the coordinator learns this device can be sampled."""
+    def presence(self, state: str) -> bytes:
         presence: dict[str, object] = {"state": state, "client": self.client_id}
         if self.profile is not None:
             presence["profile"] = self.profile
-        payload = json.dumps(presence).encode()
-        self.transport.publish(presence_topic(self.fleet, self.client_id), payload, retain=True)
+        return json.dumps(presence).encode()
+
+    def announce(self, state: str = "online") -> None:
+        """Retained presence: how the coordinator learns this device can be sampled."""
+        self.transport.publish(presence_topic(self.fleet, self.client_id), self.presence(state), retain=True)
 
     def _on_task(self, topic: str, payload: bytes) -> None:
         try:

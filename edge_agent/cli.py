@@ -76,15 +76,14 @@ def run(
     from fedcmd_core.data import DataError, Partition, load_dataset
     from fedcmd_core.runspec import RunSpec, build_client
     from fedcmd_core.strategies import ClientData
-    from protocols.mqtt import MqttTransport, TlsConfig
+    from protocols.mqtt import connect
     from protocols.topics import presence_topic, status_topic
+    from protocols.transport import TransportError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(threads or (profile.torch_threads() if profile else 1))
-    password = password_file.read_text().strip() if password_file else None
-    if password is not None and username is None:
+    if password_file is not None and username is None:
         username = str(client_id)  # the ACL convention of `fedcmd deploy`: a device's username is its id
-    tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
     try:
         part = Partition.load(data)
         ds = load_dataset(dataset, root=root, **part.dataset_options(dataset))  # as the partition was made
@@ -99,10 +98,14 @@ def run(
     state_dir.mkdir(parents=True, exist_ok=True)
 
     offline = json.dumps({"state": "offline", "client": client_id}).encode()
-    transport = MqttTransport(
-        broker, f"{fleet}-agent-{client_id}", username=username, password=password, tls=tls,
-        will=(presence_topic(fleet, client_id), offline, True),
-    )
+    try:
+        transport = connect(
+            broker, f"{fleet}-agent-{client_id}", username=username, password_file=password_file, ca=ca, cert=cert,
+            key=key, will=(presence_topic(fleet, client_id), offline, True),
+        )
+    except TransportError as e:
+        fail(escape(str(e)))
+        return
     status: dict = {}
 
     def on_status(topic: str, payload: bytes) -> None:
@@ -144,6 +147,8 @@ def run(
         export_onnx=None if no_onnx else (onnx_out or state_dir / "model.onnx"),
     )
     agent.announce("online")
+    # again after every reconnect: a broker restarted without persistence has lost the retained presence
+    transport.set_birth((presence_topic(fleet, client_id), agent.presence("online"), True))
     stopping = {"now": False}
 
     def stop(signum: int, frame: object) -> None:

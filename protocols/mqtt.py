@@ -13,6 +13,7 @@ takes the session over and the two would keep kicking each other off).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -21,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -204,6 +206,11 @@ class MqttTransport(Transport):
         if len(chunks) != 1:
             raise ValueError(f"the {what} message must fit one packet ({len(payload)} bytes is too large)")
         return topic, chunks[0], retain
+
+    def set_birth(self, birth: tuple[str, bytes, bool] | None) -> None:
+        """Publish ``birth`` on every later reconnect: for a message that is true only from some point on
+        (an agent is "online" once it listens for tasks, not when it first connects)."""
+        self._birth = self._single_chunk(birth, "birth")
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self._tls.ca_file if self._tls else None)
@@ -527,6 +534,34 @@ class MqttTransport(Transport):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def connect(
+    url: str,
+    client_id: str,
+    *,
+    username: str | None = None,
+    password_file: str | os.PathLike[str] | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+    **kw: Any,
+) -> MqttTransport:
+    """An :class:`MqttTransport` from the credentials a command line or config file names: a password
+    file (its first line), TLS files. Every failure a user can cause is a ``TransportError`` with one
+    readable line: a bad URL, an unreadable file, an unreachable or refusing broker."""
+    try:
+        password = Path(password_file).read_text().strip() if password_file is not None else None
+    except OSError as e:
+        raise TransportError(f"cannot read the password file {password_file}: {e.strerror}") from None
+    for label, path in (("CA certificate", ca), ("client certificate", cert), ("client key", key)):
+        if path is not None and not Path(path).is_file():
+            raise TransportError(f"the {label} {path} does not exist")
+    tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
+    try:
+        return MqttTransport(url, client_id, username=username, password=password, tls=tls, **kw)
+    except ValueError as e:
+        raise TransportError(str(e)) from None
 
 
 def make_transport(url_or_memory: str | Transport, client_id: str = "fedcmd", **kw: Any) -> Transport:

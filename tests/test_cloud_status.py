@@ -43,3 +43,29 @@ def test_bad_serve_config_is_one_line(tmp_path) -> None:
                    "num_clients = 5\nglobal_epoch = 2\n")
     result = CliRunner().invoke(app, ["cloud", "serve", "--config", str(bad)])
     assert result.exit_code == 2 and "rounds" in result.output and "Traceback" not in result.output
+
+
+def test_unreachable_broker_or_missing_credentials_are_one_line(tmp_path) -> None:
+    from protocols.broker import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
+    down = CliRunner().invoke(app, ["cloud", "status", "--broker", url, "--timeout", "1"])
+    assert down.exit_code == 2 and "cannot connect to the MQTT broker" in down.output
+    assert "Traceback" not in down.output
+    missing = CliRunner().invoke(app, ["cloud", "status", "--broker", url, "--password-file", str(tmp_path / "nope"),
+                                       "--username", "observer"])
+    assert missing.exit_code == 2 and "cannot read the password file" in missing.output
+    no_ca = CliRunner().invoke(app, ["cloud", "status", "--broker", url, "--ca", str(tmp_path / "ca.crt")])
+    assert no_ca.exit_code == 2 and "CA certificate" in no_ca.output and "does not exist" in no_ca.output
+
+
+def test_agent_with_an_unreachable_broker_is_one_line(tmp_path, shared_partition) -> None:
+    from edge_agent.cli import app as edge_app
+    from protocols.broker import free_port
+
+    result = CliRunner().invoke(edge_app, [
+        "run", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--client-id", "0", "--data", str(shared_partition),
+        "-d", "mnist5k", "--state-dir", str(tmp_path / "s"), "--wait", "1",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "cannot connect to the MQTT broker" in result.output and "Traceback" not in result.output

@@ -609,3 +609,33 @@ def test_compose_file() -> None:
                 continue  # written by `fedcmd deploy certs|users|acl` on the host (deploy/README.md)
             assert source in named or (DEPLOY / source).exists(), volume
     assert {"broker-data", "coordinator-state"} <= named
+
+
+def test_cloud_status_reads_the_shipped_tls_broker_as_observer(shipped_broker: tuple[int, Path, dict[str, str]],
+                                                               tmp_path: Path) -> None:
+    """`fedcmd cloud status` with --ca/--username/--password-file, against the TLS + password + ACL broker."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cloud.cli import app
+    from protocols.mqtt import connect
+    from protocols.topics import status_topic
+
+    port, folder, _ = shipped_broker
+    url = f"mqtts://localhost:{port}"
+    cred = tmp_path / "cred"
+    with connect(url, "coordinator", username="coordinator", password_file=cred / "coordinator.password",
+                 ca=folder / "ca.crt") as coordinator:
+        coordinator.publish(status_topic(FLEET), json.dumps({"state": "running", "next_round": 7}).encode(),
+                            retain=True)
+    args = ["cloud", "status", "--broker", url, "--fleet", FLEET, "--ca", str(folder / "ca.crt"), "--timeout", "5"]
+    ok = CliRunner().invoke(app, [*args, "--username", "observer", "--password-file", str(cred / "observer.password")])
+    assert ok.exit_code == 0, ok.output
+    assert "running" in ok.output and "7" in ok.output
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    refused = CliRunner().invoke(app, [*args, "--username", "observer", "--password-file", str(wrong)])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "not authori" in refused.output.lower() or "bad user name or password" in refused.output.lower(), \
+        refused.output

@@ -256,7 +256,8 @@ def test_clean_close_does_not_fire_the_will(mosquitto_broker: Broker, transports
 def test_broker_restart_reconnects_and_resubscribes(mosquitto_broker: Broker, transports: list[MqttTransport]) -> None:
     receiver = _open(transports, mosquitto_broker.url, "receiver")
     online = presence_payload(5, "online")
-    sender = _open(transports, mosquitto_broker.url, "agent-5", birth=(presence_topic(FLEET, 5), online, True))
+    sender = _open(transports, mosquitto_broker.url, "agent-5")
+    sender.set_birth((presence_topic(FLEET, 5), online, True))  # as an agent does once it listens for tasks
     inbox = Inbox()
     receiver.subscribe("restart/#", inbox)
     sender.publish("restart/1", b"before")
