@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli_errors import fail
+from cloud.cli_errors import fail, print_error
 
 cloud_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
 console = Console()
@@ -19,9 +19,13 @@ console = Console()
 
 @cloud_app.command()
 def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker, fleet, rounds, [run] spec")) -> None:
-    """Run (or resume from its checkpoint) a federated training over an MQTT fleet."""
+    """Run (or resume from its checkpoint) a federated training over an MQTT fleet.
+
+    Exit codes: 0 finished, or stopped by SIGTERM / Ctrl-C (its status says "stopped"; run again to resume);
+    2 a mistake in the config; 3 the broker unreachable or too few devices online (worth a retry).
+    """
     from cloud.config import ConfigError
-    from cloud.serve import load_serve_config
+    from cloud.serve import Stopped, Unavailable, load_serve_config
     from cloud.serve import serve as run_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -29,6 +33,12 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
         records = run_service(load_serve_config(config))
     except ConfigError as e:
         fail(str(e))
+        return
+    except Unavailable as e:  # exit 3, not 2: a service manager may retry this, not a config mistake
+        print_error(str(e))
+        raise typer.Exit(3) from None
+    except Stopped as e:
+        console.print(f"stopped ({e}); run the same command again to resume from the last checkpoint")
         return
     console.print(f"finished {len(records)} rounds")
 

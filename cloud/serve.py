@@ -8,8 +8,12 @@ from the checkpoint after a restart, and writes the run folder at the end.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +29,32 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 log = logging.getLogger("fedcmd.cloud")
+
+
+class Unavailable(Exception):
+    """The broker or the fleet is not there (yet): worth retrying later, unlike a ConfigError."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: the coordinator stopped; running it again resumes from its last checkpoint."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM / SIGINT into ``Stopped`` in the main thread, so the retained status can say so."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. serve() run by a test thread)
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class ServeConfig(BaseModel):
@@ -80,7 +110,7 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
                                 password_file=cfg.password_file, ca=cfg.ca, cert=cfg.cert, key=cfg.key,
                                 connect_timeout=30.0)
         except TransportError as e:
-            raise ConfigError(str(e)) from None
+            raise Unavailable(str(e)) from None
     settings = RoundSettings(
         num_clients=cfg.run.num_clients,
         global_epoch=cfg.run.global_epoch,
@@ -100,12 +130,22 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
                                   run_info=cfg.run.model_dump(mode="json"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    coordinator.publish_status("waiting")
-    log.info("waiting for %d devices in fleet %r", cfg.wait_clients, cfg.fleet)
-    if not coordinator.wait_for_clients(cfg.wait_clients, cfg.registration_timeout):
-        raise ConfigError(f"only {len(coordinator.online)} devices came online within {cfg.registration_timeout} s")
-    started = time.perf_counter()
-    records = coordinator.run(lambda r: log.info("round %d done: %s", r.round + 1, r.metrics))
+    with _stop_on_signals():
+        try:
+            coordinator.publish_status("waiting")
+            log.info("waiting for %d devices in fleet %r", cfg.wait_clients, cfg.fleet)
+            if not coordinator.wait_for_clients(cfg.wait_clients, cfg.registration_timeout):
+                coordinator.publish_status("stopped")
+                transport.close()
+                raise Unavailable(
+                    f"only {len(coordinator.online)} devices came online within {cfg.registration_timeout} s"
+                )
+            started = time.perf_counter()
+            records = coordinator.run(lambda r: log.info("round %d done: %s", r.round + 1, r.metrics))
+        except Stopped:
+            coordinator.publish_status("stopped")  # rounds up to the last checkpoint are kept
+            transport.close()
+            raise
     final = coordinator.evaluate_all(cfg.run.global_epoch - 1)
     coordinator.publish_status("finished")
     _write_results(cfg, records, final, server.summary(), time.perf_counter() - started)

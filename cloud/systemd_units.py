@@ -160,9 +160,10 @@ Description=fedcmd coordinator (federated learning over MQTT)
 # Ordered after a broker on the same host when there is one; not required (it may run elsewhere).
 After=network-online.target mosquitto.service
 Wants=network-online.target
-# `fedcmd cloud serve` exits 2 on a bad config and when the broker stays unreachable for 30 s at start:
-# after 5 failed starts in 10 minutes systemd gives up (fix, then `systemctl reset-failed` and start).
-# A coordinator that crashes at the same round every time thus stops re-running it against the fleet.
+# `fedcmd cloud serve` exits 3 when the broker stays unreachable for 30 s or too few devices come online
+# (restarted), 2 on a mistake in its config (not restarted: RestartPreventExitStatus). After 5 failed
+# starts in 10 minutes systemd gives up (fix, then `systemctl reset-failed` and start): a coordinator that
+# crashes at the same round every time thus stops re-running it against the fleet.
 StartLimitIntervalSec=10min
 StartLimitBurst=5
 
@@ -173,8 +174,9 @@ WorkingDirectory={STATE_ROOT}
 Environment=HOME={STATE_ROOT} PYTHONUNBUFFERED=1
 Restart=on-failure
 RestartSec=15s
-# SIGTERM ends the coordinator at once (it has no handler): safe, because it checkpoints after every
-# round (write, fsync, rename) and resumes from the last checkpoint; the interrupted round is re-run.
+RestartPreventExitStatus=2
+# On SIGTERM the coordinator publishes the retained status "stopped" and exits 0; it checkpoints after
+# every round (write, fsync, rename) and resumes from the last checkpoint, re-running the interrupted round.
 # A finished run exits 0 and stays stopped.
 KillSignal=SIGTERM
 TimeoutStopSec=30s

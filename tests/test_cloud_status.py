@@ -69,3 +69,58 @@ def test_agent_with_an_unreachable_broker_is_one_line(tmp_path, shared_partition
     ])
     assert result.exit_code == 2, result.output
     assert "cannot connect to the MQTT broker" in result.output and "Traceback" not in result.output
+
+
+def _serve_config(tmp_path, url: str, **extra: object) -> object:
+    lines = ['fleet = "lab"', f'broker = "{url}"', f'out = "{tmp_path / "out"}"',
+             f'checkpoint = "{tmp_path / "ckpt.safetensors"}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    lines += ["[run]", 'algo = "fedavg"', "input_shape = [1, 28, 28]", "num_classes = 10", "num_clients = 5",
+              "global_epoch = 2"]
+    path = tmp_path / "cloud.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _read_status(url: str) -> dict:
+    got: dict = {}
+    with MqttTransport(url, "status-probe") as t:
+        t.subscribe(status_topic("lab"), lambda topic, p: got.update(json.loads(p)))
+        t.run_until(lambda: bool(got), 5)
+    return got
+
+
+def test_serve_exit_codes_and_sigterm_leaves_status_stopped(tmp_path, mosquitto_broker) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    fedcmd = Path(sys.executable).parent / "fedcmd"
+    url = mosquitto_broker.url
+    too_few = subprocess.run(
+        [str(fedcmd), "cloud", "serve", "--config", str(_serve_config(tmp_path, url, wait_clients=1,
+                                                                       registration_timeout=1.0))],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert too_few.returncode == 3, too_few.stderr  # retryable: a service manager restarts it
+    assert "only 0 devices came online" in too_few.stderr and "Traceback" not in too_few.stderr
+    assert _read_status(url)["state"] == "stopped"
+
+    config = _serve_config(tmp_path, url, wait_clients=1, registration_timeout=300.0)
+    proc = subprocess.Popen([str(fedcmd), "cloud", "serve", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _read_status(url).get("state") != "waiting":
+            time.sleep(0.2)
+        assert _read_status(url)["state"] == "waiting"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (SIGTERM)" in out and "Traceback" not in err
+    assert _read_status(url)["state"] == "stopped"
