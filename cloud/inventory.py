@@ -105,12 +105,17 @@ def _semantic_problems(inv: Inventory) -> list[str]:
     except ValueError:
         problems.append(f"[fleet] name {inv.fleet.name!r}: use 1-64 letters, digits, '_', '-', '.'")
     try:
-        parse_url(inv.fleet.broker)
+        address = parse_url(inv.fleet.broker)
     except ValueError as e:
         problems.append(f"[fleet] broker: {e}")
+    else:
+        if address.tls != inv.fleet.tls:  # the agent would speak TLS to a plain port, or plain MQTT to TLS
+            scheme = "mqtts" if inv.fleet.tls else "mqtt"
+            problems.append(f"[fleet] tls = {str(inv.fleet.tls).lower()} but broker is {inv.fleet.broker!r}: "
+                            f"use a {scheme}:// broker URL or set tls = {str(not inv.fleet.tls).lower()}")
     for label, value in (("data", inv.fleet.data), ("credentials", inv.fleet.credentials),
-                         ("state_dir", inv.fleet.state_dir)):
-        if not PurePosixPath(value).is_absolute():
+                         ("state_dir", inv.fleet.state_dir), ("root", inv.fleet.root)):
+        if value is not None and not PurePosixPath(value).is_absolute():
             problems.append(f"[fleet] {label} {value!r} must be an absolute path on the devices")
     seen_ids: dict[int, int] = {}
     seen_hosts: dict[str, int] = {}
@@ -126,8 +131,9 @@ def _semantic_problems(inv: Inventory) -> list[str]:
             problems.append(
                 f"[[device]] id {dev.id}: unknown profile {dev.profile!r} (known: {', '.join(PROFILES)})"
             )
-        if dev.data is not None and not PurePosixPath(dev.data).is_absolute():
-            problems.append(f"[[device]] id {dev.id}: data {dev.data!r} must be an absolute path on the device")
+        for label, value in (("data", dev.data), ("root", dev.root)):
+            if value is not None and not PurePosixPath(value).is_absolute():
+                problems.append(f"[[device]] id {dev.id}: {label} {value!r} must be an absolute path on the device")
     return problems
 
 

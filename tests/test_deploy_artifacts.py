@@ -192,6 +192,7 @@ def test_systemd_runs_exactly_the_argv_we_meant() -> None:
 
 def test_password_logins_and_state_below_var_lib() -> None:
     text = NASTY.replace("client_certs = true", "tls = false").replace('"/srv/state dir"', '"/var/lib/fedcmd/st"')
+    text = text.replace('"mqtts://broker.example:8883"', '"mqtt://broker.example:1883"')  # plain MQTT: no TLS
     view = systemd_view(render(text)["7/fedcmd-agent.service"])
     argv = view["ExecStart"][0]
     assert argv[argv.index("--password-file") + 1] == "/etc/fed cmd/password"

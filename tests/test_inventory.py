@@ -65,8 +65,13 @@ def error_lines(result: Any) -> list[str]:
         ("[fleet]\n", '[fleet]\nbrokr = "x"\n', "fleet.brokr: unknown key"),
         ("id = 1\n", "id = 1\nid = 2\n", "is not valid TOML"),
         ('name = "lab"', "name = lab", "is not valid TOML"),
+        ('"mqtts://mqtt.lab.example:8883"', '"mqtt://mqtt.lab.example:1883"',
+         "tls = true but broker is 'mqtt://mqtt.lab.example:1883': use a mqtts:// broker URL or set tls = false"),
+        ('profile = "rpi4"', 'profile = "rpi4"\nroot = "datasets"',
+         "[[device]] id 0: root 'datasets' must be an absolute path"),
     ],
-    ids=["duplicate-id", "unknown-profile", "unknown-device-key", "unknown-fleet-key", "duplicate-key", "bare-word"],
+    ids=["duplicate-id", "unknown-profile", "unknown-device-key", "unknown-fleet-key", "duplicate-key", "bare-word",
+         "tls-scheme-mismatch", "relative-root"],
 )
 def test_one_clear_line_per_mistake(tmp_path: Path, old: str, new: str, expected: str) -> None:
     inventory = tmp_path / "bad.toml"
