@@ -6,6 +6,8 @@ import pytest
 import torch
 from brokers import amqtt_broker, mosquitto_broker, mosquitto_factory  # noqa: F401  (fixtures for every test)
 
+pytest_plugins = ["hil.plugin"]  # the hardware-in-the-loop suite's options and fixtures (tests/hil)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
