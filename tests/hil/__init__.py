@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop conformance suite and its pytest plugin (see README.md)."""
