@@ -1,7 +1,7 @@
 """Conformance of the devices of a fleet: registration, training, broker restart, ONNX, link cut.
 
-Order matters only once: the broker restart comes last, since a broker without persistence forgets the
-devices' retained presence (see test_presence_survives_broker_restart).
+The broker restarts come last: a broker without persistence forgets every retained message, so if a
+device does not recover from them, no other test fails for that reason.
 """
 
 from __future__ import annotations
@@ -129,30 +129,41 @@ def test_link_cut_mid_round_closes_at_deadline_and_device_rejoins(fleet: FleetUn
         f"{victim} did not answer any round after its link came back: {rows}\n{fleet.explain()}")
 
 
-def test_device_survives_broker_restart(fleet: FleetUnderTest, tmp_path: Path) -> None:
+def test_device_survives_broker_restarts(fleet: FleetUnderTest, tmp_path: Path) -> None:
+    """Two restarts in one run: the second catches what only repeats (a birth or will message that a
+    receiver has seen once before)."""
     fleet.require("coordinator", "broker_restart")
-    w = fleet.watcher
-    run = fleet.coordinator(tmp_path, rounds=12, round_deadline=5.0, min_clients=1)
+    w, n = fleet.watcher, len(fleet.devices)
+    rounds = 60  # ~0.1 s each here: room for the second restart after everyone is back
+    run = fleet.coordinator(tmp_path, rounds=rounds, round_deadline=5.0, min_clients=1)
     w.wait(lambda: w.next_round() >= 2, RUN_TIMEOUT, "two finished rounds", fleet.explain)
-    restarted_at = w.next_round()
-    fleet.restart_broker()  # mid-run: the coordinator is in round restarted_at + 1
+    restarts = [w.next_round()]
+    fleet.restart_broker()  # mid-run: the coordinator is in round restarts[0] + 1
+
+    def all_back() -> bool:
+        last = w.status.get("last_round") or {}
+        return last.get("round", 0) > restarts[0] + 1 and last.get("answered") == n
+    w.wait(all_back, 120, "a round every device answered after the restart", fleet.explain)
+    restarts.append(w.next_round())
+    fleet.restart_broker()
     rows = run.wait(RUN_TIMEOUT)
-    assert [int(r["round"]) for r in rows] == list(range(1, 13)), "rounds lost across the broker restart"
-    after = rows[restarted_at + 1 :]  # rounds that started after the restart
-    assert after, "the run ended before any round after the restart"
-    for d in fleet.devices:
-        if not any(d.id in sampled(r) for r in after):
-            # mosquitto sends the last wills of its clients when it shuts down: a device that is not online
-            # again in its presence after reconnecting is never sampled again
-            pytest.fail(f"the coordinator never sampled {d} again after the broker restart: it saw its last will "
-                        f"('offline') and the device did not say 'online' after reconnecting: {rows}")
-        assert any(d.id in answered(r) for r in after), (
-            f"{d} answered no round after the broker restart: {rows}\n{fleet.explain()}")
+    assert [int(r["round"]) for r in rows] == list(range(1, rounds + 1)), "rounds lost across the broker restarts"
+    for k, at in enumerate(restarts):
+        after = rows[at + 1 : restarts[k + 1] + 1] if k + 1 < len(restarts) else rows[at + 1 :]
+        assert after, f"the run ended before any round after restart {k + 1}"
+        for d in fleet.devices:
+            if not any(d.id in sampled(r) for r in after):
+                # mosquitto sends its clients' last wills when it shuts down: a device that is not 'online'
+                # again in its presence after reconnecting is never sampled again
+                pytest.fail(f"after broker restart {k + 1} the coordinator never sampled {d} again: it saw its "
+                            f"last will ('offline') and no 'online' after the device reconnected: {rows}")
+            assert any(d.id in answered(r) for r in after), (
+                f"{d} answered no round after broker restart {k + 1}: {rows}\n{fleet.explain()}")
 
 
 def test_presence_survives_broker_restart(fleet: FleetUnderTest) -> None:
     """After a broker restart every device is online again in its retained presence, so that a coordinator
-    (re)started now finds it. Reuses the restart of test_device_survives_broker_restart when that ran."""
+    (re)started now finds it. Reuses the restarts of test_device_survives_broker_restarts when that ran."""
     fleet.require("broker_restart")
     if not fleet.broker_restarts:
         fleet.restart_broker()
