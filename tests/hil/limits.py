@@ -65,7 +65,8 @@ class Confinement:
     def describe(self) -> str:
         threads = "all cores" if self.budget.asked_threads is None else f"{self.budget.asked_threads} threads"
         what = "; ".join(self.enforced) if self.enforced else "nothing enforced"
-        return f"{self.mechanism}: {what} (profile asks {threads}, {self.budget.memory_mb} MB)"
+        note = " = every core here, so no CPU throttling" if self.budget.cpus >= (os.cpu_count() or 1) else ""
+        return f"{self.mechanism}: {what}{note} (profile asks {threads}, {self.budget.memory_mb} MB)"
 
     def holds(self, pid: int) -> bool:
         """Whether process ``pid`` runs under this confinement (cgroup membership or CPU affinity)."""

@@ -45,8 +45,16 @@ def pytest_configure(config: pytest.Config) -> None:
     except InventoryError as e:
         raise pytest.UsageError(f"--fleet {inventory}:\n" + "\n".join(e.lines)) from None
     cloud = config.getoption("--fleet-cloud-config")
-    if cloud is not None and not cloud.is_file():
-        raise pytest.UsageError(f"--fleet-cloud-config {cloud} does not exist")
+    if cloud is not None:
+        from cloud.serve import load_serve_config
+
+        try:
+            served = load_serve_config(cloud).fleet
+        except ValueError as e:
+            raise pytest.UsageError(f"--fleet-cloud-config: {e}") from None
+        if served != load_inventory(inventory).fleet.name:
+            raise pytest.UsageError(f"--fleet-cloud-config {cloud} serves fleet {served!r}, not the inventory's "
+                                    f"{load_inventory(inventory).fleet.name!r}")
 
 
 @pytest.fixture(scope="session")
