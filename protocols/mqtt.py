@@ -143,8 +143,8 @@ class MqttTransport(Transport):
         self._use_tls = address.tls or tls is not None
         self._keepalive = keepalive
         self._session_expiry = session_expiry
-        self._will = self._single_chunk(will, "will")
-        self._birth = self._single_chunk(birth, "birth")
+        self._will = self._check_single_chunk(will, "will")
+        self._birth = self._check_single_chunk(birth, "birth")
 
         self.rejected: Counter[str] = Counter()  # why incoming messages were dropped
         self.stats: Counter[str] = Counter()  # messages/bytes/chunks in and out, connects, disconnects
@@ -196,21 +196,26 @@ class MqttTransport(Transport):
             raise
 
     # ------------------------------------------------------------------------------------ connection
-    def _single_chunk(self, message: tuple[str, bytes, bool] | None, what: str) -> tuple[str, bytes, bool] | None:
-        """Wills and births are sent by the broker or from the network thread as one packet: envelope them
-        now (so receivers take the one chunked path) and check they fit one chunk."""
-        if message is None:
-            return None
+    def _check_single_chunk(
+        self, message: tuple[str, bytes, bool] | None, what: str
+    ) -> tuple[str, bytes, bool] | None:
+        """Wills and births are sent by the broker or from the network thread as one packet: check now that
+        they fit one chunk envelope (``_envelope`` wraps them when they are sent)."""
+        if message is not None and len(split(message[1], self._chunk_limit(message[0]))) != 1:
+            raise ValueError(f"the {what} message must fit one packet ({len(message[1])} bytes is too large)")
+        return message
+
+    def _envelope(self, message: tuple[str, bytes, bool]) -> tuple[str, bytes, bool]:
+        """A fresh one-chunk envelope (new message id) for every send: receivers drop a live message whose id
+        they have already seen (a QoS 1 redelivery), and they may well have seen the previous connection's
+        birth or will."""
         topic, payload, retain = message
-        chunks = split(payload, self._chunk_limit(topic))
-        if len(chunks) != 1:
-            raise ValueError(f"the {what} message must fit one packet ({len(payload)} bytes is too large)")
-        return topic, chunks[0], retain
+        return topic, split(payload, self._chunk_limit(topic))[0], retain
 
     def set_birth(self, birth: tuple[str, bytes, bool] | None) -> None:
         """Publish ``birth`` on every later reconnect: for a message that is true only from some point on
         (an agent is "online" once it listens for tasks, not when it first connects)."""
-        self._birth = self._single_chunk(birth, "birth")
+        self._birth = self._check_single_chunk(birth, "birth")
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self._tls.ca_file if self._tls else None)
@@ -247,7 +252,7 @@ class MqttTransport(Transport):
             # Verifies the broker's certificate and host name against the CA (system CAs without a TlsConfig).
             client.tls_set_context(self._ssl_context())
         if self._will is not None:
-            client.will_set(self._will[0], self._will[1], qos=1, retain=self._will[2])
+            client.will_set(*self._envelope(self._will)[:2], qos=1, retain=self._will[2])
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -307,9 +312,12 @@ class MqttTransport(Transport):
             with self._ack_cond:
                 self._fire_and_forget.add(mid)
         if self._birth is not None:
-            info = client.publish(self._birth[0], self._birth[1], qos=1, retain=self._birth[2])
+            topic, payload, retain = self._envelope(self._birth)
+            info = client.publish(topic, payload, qos=1, retain=retain)
             with self._ack_cond:
                 self._fire_and_forget.add(info.mid)
+        if self._will is not None:  # re-armed with a new id for the next connection (paho keeps it for reconnects)
+            client.will_set(*self._envelope(self._will)[:2], qos=1, retain=self._will[2])
         if self.stats["connects"] > 1:
             log.info("%s: reconnected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
 

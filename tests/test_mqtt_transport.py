@@ -407,3 +407,24 @@ def test_tls_with_the_right_ca_only(mosquitto_factory: Callable[..., Broker], tm
         assert t.run_until(lambda: bool(inbox.items), WAIT) and inbox.payloads == [b"over tls"]
     with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
         MqttTransport(url, "no-ca", connect_timeout=1.0)  # system CAs do not trust our test CA
+
+
+def test_every_reconnect_births_a_message_a_listener_accepts(
+    mosquitto_broker: Broker, transports: list[MqttTransport]
+) -> None:
+    """A listener connected across broker restarts hears the birth after each one: every send is a fresh
+    envelope, not a repeat of a message id it has already seen (which it would drop as a redelivery)."""
+    agent = _open(transports, mosquitto_broker.url, "agent-6")
+    agent.set_birth((presence_topic(FLEET, 6), presence_payload(6, "online"), True))
+    watcher = _open(transports, mosquitto_broker.url, "watcher")
+    seen = Inbox()
+    watcher.subscribe(presence_topic(FLEET, 6), seen)
+    for restart in (1, 2):
+        mosquitto_broker.restart()
+        deadline = time.monotonic() + WAIT
+        while not (agent.stats["connects"] > restart and watcher.stats["connects"] > restart) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watcher.subscribe("unrelated/topic", Inbox())  # a SUBACK round trip: the re-subscription is in place
+        assert watcher.run_until(lambda n=restart: len(seen.items) >= n, WAIT), (restart, seen.items)
+    assert [parse_presence(p)["state"] for p in seen.payloads] == ["online", "online"]
