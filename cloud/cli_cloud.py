@@ -73,7 +73,7 @@ def status(
     table = Table(title=f"fleet {fleet}")
     table.add_column("field")
     table.add_column("value")
-    for key in ("state", "next_round", "global_epoch", "online", "rejected"):
+    for key in ("state", "next_round", "global_epoch", "online", "profiles", "rejected"):
         table.add_row(key, str(got.get(key)))
     last = got.get("last_round") or {}
     for key, value in last.items():

@@ -18,7 +18,7 @@ import numpy as np
 from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
-from protocols.topics import presence_filter, status_topic, task_topic, updates_filter
+from protocols.topics import parse_presence, presence_filter, status_topic, task_topic, updates_filter
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.cloud")
@@ -93,6 +93,7 @@ class Coordinator:
         self.records: list[RoundRecord] = []
         self.rejected: Counter[str] = Counter()
         self.online: set[int] = set()
+        self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
         self.inbox: dict[int, Update] = {}
         self.expected: set[int] = set()
         self.current_round = -1
@@ -141,13 +142,19 @@ class Coordinator:
     def _on_presence(self, topic: str, payload: bytes) -> None:
         try:
             cid = int(topic.split("/")[-2])
-            state = json.loads(payload).get("state")
-        except (ValueError, AttributeError, IndexError):
+            presence = parse_presence(payload)
+            if presence["client"] != cid:
+                raise ValueError(f"presence of client {presence['client']} on the topic of client {cid}")
+        except (ValueError, IndexError) as e:
             self.rejected["bad_presence"] += 1
-            log.warning("rejected presence message on %s", topic)
+            log.warning("rejected presence message on %s: %s", topic, e)
             return
-        if state == "online":
+        if presence["state"] == "online":
+            if cid not in self.online:
+                log.info("device %d online (profile %s)", cid, presence.get("profile", "not given"))
             self.online.add(cid)
+            if isinstance(presence.get("profile"), str):
+                self.profiles[cid] = presence["profile"]
         else:
             self.online.discard(cid)
 
@@ -282,6 +289,7 @@ class Coordinator:
             "next_round": self.next_round,
             "global_epoch": self.s.global_epoch,
             "online": len(self.online),
+            "profiles": dict(Counter(self.profiles[c] for c in self.online if c in self.profiles)),
             "rejected": dict(self.rejected),
             "run": self.run_info,
         }

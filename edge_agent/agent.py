@@ -6,14 +6,13 @@ in-process simulation and a device on an MQTT broker.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ClientStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
-from protocols.topics import presence_topic, task_topic, update_topic
+from protocols.topics import PresenceState, presence_payload, presence_topic, task_topic, update_topic
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.agent")
@@ -45,13 +44,11 @@ class Agent:
             log.info("client %d: restored state from %s", client_id, self.state_file)
         transport.subscribe(task_topic(fleet, client_id), self._on_task)
 
-    def presence(self, state: str) -> bytes:
-        presence: dict[str, object] = {"state": state, "client": self.client_id}
-        if self.profile is not None:
-            presence["profile"] = self.profile
-        return json.dumps(presence).encode()
+    def presence(self, state: PresenceState) -> bytes:
+        info = {"profile": self.profile} if self.profile is not None else {}
+        return presence_payload(self.client_id, state, **info)
 
-    def announce(self, state: str = "online") -> None:
+    def announce(self, state: PresenceState = "online") -> None:
         """Retained presence: how the coordinator learns this device can be sampled."""
         self.transport.publish(presence_topic(self.fleet, self.client_id), self.presence(state), retain=True)
 

@@ -77,7 +77,7 @@ def run(
     from fedcmd_core.runspec import RunSpec, build_client
     from fedcmd_core.strategies import ClientData
     from protocols.mqtt import connect
-    from protocols.topics import presence_topic, status_topic
+    from protocols.topics import presence_payload, presence_topic, status_topic
     from protocols.transport import TransportError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -97,7 +97,7 @@ def run(
     local = ClientData(ds.x[tr], ds.y[tr], ds.x[te], ds.y[te])
     state_dir.mkdir(parents=True, exist_ok=True)
 
-    offline = json.dumps({"state": "offline", "client": client_id}).encode()
+    offline = presence_payload(client_id, "offline")
     try:
         transport = connect(
             broker, f"{fleet}-agent-{client_id}", username=username, password_file=password_file, ca=ca, cert=cert,

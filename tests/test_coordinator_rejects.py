@@ -58,3 +58,29 @@ def test_each_bad_update_gets_its_reason(coordinator: Coordinator) -> None:
     delta = {"delta::fc2.0.bias": good["fc2.0.bias"]}
     _send(c, 2, h.model_copy(update={"client": 2}), delta)  # strategy prefixes name model entries
     assert set(c.inbox) == {1, 2}
+
+
+def test_presence_registers_devices_with_their_profiles(coordinator: Coordinator) -> None:
+    import json
+
+    from protocols.topics import presence_payload, presence_topic, status_topic
+
+    t = coordinator.transport
+    status: list[dict] = []
+    t.subscribe(status_topic("f"), lambda topic, p: status.append(json.loads(p)))
+    t.publish(presence_topic("f", 1), presence_payload(1, "online", profile="rpi4"), retain=True)
+    t.publish(presence_topic("f", 2), presence_payload(2, "online", profile="jetson-orin"), retain=True)
+    t.publish(presence_topic("f", 3), presence_payload(3, "online"), retain=True)  # an agent without --profile
+    t.publish(presence_topic("f", 0), presence_payload(2, "online"), retain=True)  # spoofs device 2's presence
+    t.publish(presence_topic("f", 2), b"{not json", retain=True)
+    t.run_until(lambda: False)
+    assert coordinator.online == {1, 2, 3}
+    assert coordinator.rejected["bad_presence"] == 2
+    coordinator.publish_status("waiting")
+    t.run_until(lambda: False)
+    assert status[-1]["online"] == 3 and status[-1]["profiles"] == {"rpi4": 1, "jetson-orin": 1}
+    t.publish(presence_topic("f", 1), presence_payload(1, "offline"), retain=True)
+    t.run_until(lambda: False)
+    coordinator.publish_status("running")
+    t.run_until(lambda: False)
+    assert status[-1]["profiles"] == {"jetson-orin": 1}
