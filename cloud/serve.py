@@ -97,7 +97,7 @@ def load_serve_config(path: Path) -> ServeConfig:
 
 def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
     """Run (or resume) the federated training described by ``cfg``; returns the round records."""
-    from protocols.mqtt import connect
+    from protocols.mqtt import CredentialsError, connect
     from protocols.transport import TransportError
 
     try:
@@ -109,6 +109,8 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
             transport = connect(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
                                 password_file=cfg.password_file, ca=cfg.ca, cert=cfg.cert, key=cfg.key,
                                 connect_timeout=30.0)
+        except CredentialsError as e:
+            raise ConfigError(str(e)) from None  # exit 2: fix the files, a restart will not help
         except TransportError as e:
             raise Unavailable(str(e)) from None
     settings = RoundSettings(

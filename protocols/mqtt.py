@@ -544,6 +544,11 @@ class MqttTransport(Transport):
         self.close()
 
 
+class CredentialsError(TransportError):
+    """A password file or TLS file named for the connection is missing or unreadable: a setup mistake,
+    not a broker that is down."""
+
+
 def connect(
     url: str,
     client_id: str,
@@ -557,14 +562,14 @@ def connect(
 ) -> MqttTransport:
     """An :class:`MqttTransport` from the credentials a command line or config file names: a password
     file (its first line), TLS files. Every failure a user can cause is a ``TransportError`` with one
-    readable line: a bad URL, an unreadable file, an unreachable or refusing broker."""
+    readable line: a bad URL, an unreadable file (``CredentialsError``), an unreachable or refusing broker."""
     try:
         password = Path(password_file).read_text().strip() if password_file is not None else None
     except OSError as e:
-        raise TransportError(f"cannot read the password file {password_file}: {e.strerror}") from None
+        raise CredentialsError(f"cannot read the password file {password_file}: {e.strerror}") from None
     for label, path in (("CA certificate", ca), ("client certificate", cert), ("client key", key)):
         if path is not None and not Path(path).is_file():
-            raise TransportError(f"the {label} {path} does not exist")
+            raise CredentialsError(f"the {label} {path} does not exist")
     tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
     try:
         return MqttTransport(url, client_id, username=username, password=password, tls=tls, **kw)

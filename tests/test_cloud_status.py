@@ -107,6 +107,11 @@ def test_serve_exit_codes_and_sigterm_leaves_status_stopped(tmp_path, mosquitto_
     assert too_few.returncode == 3, too_few.stderr  # retryable: a service manager restarts it
     assert "only 0 devices came online" in too_few.stderr and "Traceback" not in too_few.stderr
     assert _read_status(url)["state"] == "stopped"
+    no_ca = subprocess.run(
+        [str(fedcmd), "cloud", "serve", "--config", str(_serve_config(tmp_path, url, ca=str(tmp_path / "ca.crt")))],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert no_ca.returncode == 2 and "CA certificate" in no_ca.stderr and "does not exist" in no_ca.stderr
 
     config = _serve_config(tmp_path, url, wait_clients=1, registration_timeout=300.0)
     proc = subprocess.Popen([str(fedcmd), "cloud", "serve", "--config", str(config)], stdout=subprocess.PIPE,
