@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,8 +102,21 @@ class Broker:
 class MosquittoBroker(Broker):
     kind = "mosquitto"
 
-    def __init__(self, port: int, workdir: Path, extra_config: str = "", executable: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        workdir: Path,
+        extra_config: str = "",
+        executable: str | None = None,
+        *,
+        host: str = HOST,
+        launcher: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
+        """``host``: the address to listen on and to check readiness at. ``launcher`` rewrites the command
+        line before it starts (e.g. into ``ip netns exec NS ...``: the tests' namespace fleet)."""
         super().__init__(port)
+        self.host = host
+        self._launcher = launcher
         exe = executable or mosquitto_path()
         if exe is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
@@ -112,7 +126,7 @@ class MosquittoBroker(Broker):
         self.log_path = workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
         lines = [
-            f"listener {port} {HOST}",
+            f"listener {port} {host}",
             "allow_anonymous true",
             "max_queued_messages 0",  # unlimited: the default 1000 drops QoS 1 bursts silently
             "max_inflight_messages 0",
@@ -138,9 +152,10 @@ class MosquittoBroker(Broker):
         if self.running:
             return
         assert self.log_path is not None
+        argv = [self.executable, "-c", str(self.config_path)]
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
-                [self.executable, "-c", str(self.config_path)],
+                self._launcher(argv) if self._launcher else argv,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -148,15 +163,15 @@ class MosquittoBroker(Broker):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited with {self._proc.returncode}: {self._log_tail()}")
+                raise BrokerError(f"mosquitto exited with {self._proc.returncode}: {self.log_tail()}")
             if _listening(self.host, self.port):
                 log.info("mosquitto listening on %s (config %s)", self.url, self.config_path)
                 return
             time.sleep(0.02)
         self.stop()
-        raise BrokerError(f"mosquitto did not listen on {self.url} within {timeout} s: {self._log_tail()}")
+        raise BrokerError(f"mosquitto did not listen on {self.url} within {timeout} s: {self.log_tail()}")
 
-    def _log_tail(self, n: int = 2000) -> str:
+    def log_tail(self, n: int = 2000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:] if self.log_path else ""
         except OSError:
