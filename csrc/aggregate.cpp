@@ -30,7 +30,9 @@
 // the work is K * N * P = 1.05 G multiply-adds whatever the storage type (21 ms on one core at peak,
 // 10.5 ms on two), while one core reads at ~25 GB/s (400 MB of float32 in 16 ms): both storage
 // kinds are bound by the arithmetic, and float16 gains only the streaming share (~1.1x). At K = 1
-// (FedAvg) the kernel is memory-bound and float16 is ~1.8x faster.
+// (FedAvg) the kernel is memory-bound and float16 is ~1.8x faster. Two-thread timings on that machine
+// share it with two background processes of another session: with autogroup scheduling their nice
+// does not apply across sessions, so a 2-thread team gets about one core (fma_peak_gflops 43-48 G/s).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
