@@ -134,11 +134,14 @@ def best_ms(fn: Callable[[], Any], repeat: int, min_seconds: float = 0.01) -> fl
 
 
 def compare_ms(
-    fns: dict[str, Callable[[], Any] | None], repeat: int, min_seconds: float = 0.01
+    fns: dict[str, Callable[[], Any] | None], repeat: int, min_seconds: float = 0.01, settle: float = 0.0
 ) -> dict[str, float | None]:
     """Best-of-``repeat`` milliseconds per call for several functions measured round-robin: each round
     times every function once, so a burst of load from other processes hits all contenders alike and
-    their ratios stay meaningful on a shared machine. ``None`` entries (no native module) give None."""
+    their ratios stay meaningful on a shared machine. ``None`` entries (no native module) give None.
+    ``settle``: seconds of sleep before each timing, so the thread pool of the previous contender has gone
+    idle (OpenBLAS workers spin for a while after a matmul and took 20-45 % of the cores from the next
+    native call, measured)."""
     live = {k: f for k, f in fns.items() if f is not None}
     inner: dict[str, int] = {}
     for k, f in live.items():  # warm-up, and loop counts for calls shorter than min_seconds
@@ -148,6 +151,8 @@ def compare_ms(
     best = dict.fromkeys(live, math.inf)
     for _ in range(max(1, repeat)):
         for k, f in live.items():
+            if settle:
+                time.sleep(settle)
             start = time.perf_counter()
             for _ in range(inner[k]):
                 f()
@@ -329,6 +334,9 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
     )
 
 
+AGG_SETTLE = 0.15  # > OpenBLAS's spin-wait after a call (2^28 cycles, ~0.1 s)
+
+
 def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
                      nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
     import torch
@@ -357,6 +365,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
                 "fallback16_k1": lambda: fallback.weighted_aggregate(W1, h, np.float32),
             },
             repeat,
+            settle=AGG_SETTLE,
         )
     native32, native16, pre_ms, stack_ms = t["native32"], t["native16"], t["pre"], t["stack"]
     fallback32, fallback16 = t["fallback32"], t["fallback16"]
@@ -379,6 +388,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
                 "torch": lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb),
             },
             repeat,
+            settle=AGG_SETTLE,
         )
     native_bf, fallback_bf, torch_bf = t["native"], t["fallback"], t["torch"]
     native32_bfrun = t["native32"]
@@ -437,6 +447,7 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
                 "torch": torch_matrix,
             },
             repeat,
+            settle=AGG_SETTLE,
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
@@ -460,6 +471,7 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
                 "torch": torch_rowwise,
             },
             repeat,
+            settle=AGG_SETTLE,
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
@@ -472,8 +484,9 @@ def vote_overhead(batches: int, repeat: int) -> dict[str, float]:
     """FedCMD's per-batch layer vote against local training: LeNet-5 on random 28x28 data, batch 32.
 
     The hook is the one ``FedCMDClient.batch_hook`` installs (embed, ``layer_distances`` with the W1
-    metric through ``kernels.wasserstein_1d``, argmin); ``overhead_pct`` is the extra wall time of
-    training with it, ``hook_pct`` the time spent inside it, both relative to training without it.
+    metric through ``kernels.wasserstein_1d``, argmin), on every ``vote_every``-th batch as FedCMD runs it
+    by default; ``overhead_pct`` is the extra wall time of training with it, ``hook_pct`` the time spent
+    inside it, both relative to training without it; ``vote_ms`` is the cost of one vote.
     torch runs on one thread here, as on an edge device whose agent pins it: on a shared 2-core
     machine torch's thread pool made tiny tensor ops 50x slower in both runs and drowned the signal."""
     import torch
@@ -491,7 +504,10 @@ def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
 
     from fedcmd_core.models import build_model
     from fedcmd_core.selection import layer_distances
+    from fedcmd_core.strategies.fedcmd import SelectionParams
     from fedcmd_core.training import train_epochs
+
+    every = SelectionParams().vote_every
 
     model = build_model("lenet5", (1, 28, 28), 10, seed=0)
     names = [name for name, _ in model.named_children()]
@@ -501,6 +517,7 @@ def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
     y = torch.randint(0, 10, (32 * batches,), generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     inside = [0.0]
+    calls = [0]
     votes = np.zeros(len(index), dtype=np.int64)
 
     def hook(xb: torch.Tensor, yb: torch.Tensor, outputs: list[torch.Tensor]) -> None:
@@ -509,25 +526,28 @@ def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
         d = layer_distances(xb, onehot, outputs, index, "w1", "minmax_mean")
         votes[int(np.argmin(d))] += 1
         inside[0] += time.perf_counter() - start
+        calls[0] += 1
 
     def run(with_hook: bool) -> float:
-        inside[0] = 0.0
+        inside[0], calls[0] = 0.0, 0
         start = time.perf_counter()
-        train_epochs(model, x, y, opt, 1, 32, torch.Generator().manual_seed(1), hook if with_hook else None)
+        train_epochs(model, x, y, opt, 1, 32, torch.Generator().manual_seed(1), hook if with_hook else None,
+                     hook_every=every)
         return time.perf_counter() - start
 
     run(False)  # warm-up
-    plain, hooked, hook_s = math.inf, math.inf, math.inf
+    plain, hooked, hook_s, hook_calls = math.inf, math.inf, math.inf, 1
     for _ in range(max(1, repeat)):  # interleaved, so a burst of load hits both
         plain = min(plain, run(False))
         t = run(True)
         if t < hooked:
-            hooked, hook_s = t, inside[0]
+            hooked, hook_s, hook_calls = t, inside[0], max(1, calls[0])
     return {
         "batches": float(batches),
+        "vote_every": float(every),
         "train_ms": plain * 1e3,
         "train_with_vote_ms": hooked * 1e3,
-        "vote_ms_per_batch": hook_s * 1e3 / batches,
+        "vote_ms": hook_s * 1e3 / hook_calls,
         "overhead_pct": 100 * (hooked - plain) / plain,
         "hook_pct": 100 * hook_s / plain,
     }
@@ -560,10 +580,11 @@ def render(rep: Report, console: Console) -> None:
             _fmt(g, ".1f"), _fmt(100 * g / rep.copy_gbps if g and rep.copy_gbps else None, ".0f", "%"),
         )
     v = rep.vote
-    case = f"LeNet-5, batch 32, {int(v['batches'])} batches, torch 1 thread"
+    case = (f"LeNet-5, batch 32, {int(v['batches'])} batches, a vote every {int(v['vote_every'])} "
+            "(the default), torch 1 thread")
     per_batch = v["train_ms"] / v["batches"]
     table.add_row(
-        "FedCMD vote", case, _fmt(v["vote_ms_per_batch"], ".3f"), "—", "local training (per batch)",
+        "FedCMD vote", case, _fmt(v["vote_ms"], ".3f"), "—", "local training (per batch)",
         _fmt(per_batch, ".3f"), "—", "—", "—", "—",
     )
     console.print(table)

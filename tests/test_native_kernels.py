@@ -440,4 +440,5 @@ def test_bench_kernels_quick_json():
             assert r["native_ms"] > 0 and r["vs_fallback"] > 0 and r["vs_baseline"] > 0 and r["native_gbps"] > 0
     assert len(rep["targets"]) == 8 and all(np.isfinite(t["value"]) for t in rep["targets"] if t["value"] is not None)
     vote = rep["vote"]
-    assert vote["train_ms"] > 0 and vote["vote_ms_per_batch"] > 0 and np.isfinite(vote["overhead_pct"])
+    assert vote["train_ms"] > 0 and vote["vote_ms"] > 0 and np.isfinite(vote["overhead_pct"])
+    assert vote["vote_every"] == 3  # measured as FedCMD runs it (SelectionParams.vote_every)
