@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from hil.coordinator import CoordinatorRun
 from hil.limits import Confinement
 from hil.watch import Watcher

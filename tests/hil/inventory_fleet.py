@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloud.inventory import load_inventory
 from hil.coordinator import CoordinatorRun, serve_config
 from hil.fleet import Device, FleetUnderTest, Runner
 from hil.watch import Credentials, Watcher
-
-from cloud.inventory import load_inventory
 from protocols.mqtt import TlsConfig
 
 if sys.version_info >= (3, 11):
