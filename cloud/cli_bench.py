@@ -334,7 +334,8 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
     )
 
 
-AGG_SETTLE = 0.15  # > OpenBLAS's spin-wait after a call (2^28 cycles, ~0.1 s)
+# > OpenBLAS's spin-wait after a call (2^28 cycles, ~0.1 s): rounds that mix BLAS or torch with native calls
+POOL_SETTLE = 0.15
 
 
 def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
@@ -365,7 +366,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
                 "fallback16_k1": lambda: fallback.weighted_aggregate(W1, h, np.float32),
             },
             repeat,
-            settle=AGG_SETTLE,
+            settle=POOL_SETTLE,
         )
     native32, native16, pre_ms, stack_ms = t["native32"], t["native16"], t["pre"], t["stack"]
     fallback32, fallback16 = t["fallback32"], t["fallback16"]
@@ -388,7 +389,7 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
                 "torch": lambda: torch.from_numpy(W32).to(torch.bfloat16) @ torch.stack(tb),
             },
             repeat,
-            settle=AGG_SETTLE,
+            settle=POOL_SETTLE,
         )
     native_bf, fallback_bf, torch_bf = t["native"], t["fallback"], t["torch"]
     native32_bfrun = t["native32"]
@@ -447,7 +448,7 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
                 "torch": torch_matrix,
             },
             repeat,
-            settle=AGG_SETTLE,
+            settle=POOL_SETTLE,
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
@@ -471,7 +472,7 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
                 "torch": torch_rowwise,
             },
             repeat,
-            settle=AGG_SETTLE,
+            settle=POOL_SETTLE,
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
