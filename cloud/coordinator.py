@@ -39,6 +39,13 @@ class RoundSettings:
     track_presence: bool = False  # sample only clients whose retained presence says online
     update_codec: str = "none"  # how devices encode their updates: none, fp16, int8
     max_update_bytes: int = 512 * 2**20  # larger updates are rejected before decoding
+    # Counts a device reports are bounded: its training-set size where the coordinator knows it (simulation),
+    # else this maximum; evaluation counts by the maximum, and correct <= count.
+    max_num_samples: int = 10_000_000
+    train_sizes: dict[int, int] | None = None
+    # Update-norm clipping: an update (trained - sent) longer than clip_factor x the median norm of the
+    # round (and of recent rounds) is scaled down to that length; 0 turns clipping off.
+    clip_factor: float = 3.0
 
 
 @dataclass

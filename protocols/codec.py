@@ -12,7 +12,7 @@ import json
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -38,6 +38,7 @@ class Header(BaseModel):
     round: int = -1
     client: int = -1
     kind: str = ""  # task kind ("fit"/"evaluate")
+    run: str = Field("", max_length=64)  # the coordinator's run id: a task's update echoes it
     num_samples: int = 0
     payload: dict[str, Any] = {}  # JSON-able strategy data: task config, metrics, votes
     codec: Codec = "none"  # how float tensors were packed; decode undoes it

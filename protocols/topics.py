@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import operator
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-PresenceState = Literal["online", "offline"]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PresenceState = Literal["online", "offline", "unhealthy", "incompatible"]
 
 _FLEET_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CLIENT_TOPIC_RE = re.compile(r"^fedcmd/([A-Za-z0-9_.-]{1,64})/client/(0|[1-9][0-9]{0,17})/(task|update|presence)$")
@@ -78,29 +80,50 @@ def parse_client_topic(topic: str) -> tuple[str, int, str]:
     return m.group(1), int(m.group(2)), m.group(3)
 
 
+MAX_PRESENCE_BYTES = 4096
+_PROFILE_RE = r"^[A-Za-z0-9_.-]{1,32}$"
+
+
+class Presence(BaseModel):
+    """A device's retained presence: a bounded schema (the coordinator copies parts of it into its status).
+
+    ``online`` devices can be sampled; ``unhealthy`` (it cannot keep its state: disk full, ...) and
+    ``incompatible`` (it cannot build the coordinator's run) say why in ``reason`` and are not sampled."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    state: PresenceState
+    client: int = Field(ge=0, le=10**18)
+    profile: str | None = Field(None, pattern=_PROFILE_RE)
+    reason: str | None = Field(None, max_length=300)
+
+
 def presence_payload(client: int, state: PresenceState, **info: Any) -> bytes:
     """The presence message body: compact JSON ``{"state": ..., "client": ..., <info>...}``."""
-    if state not in ("online", "offline"):
-        raise ValueError(f"presence state must be 'online' or 'offline', not {state!r}")
-    return json.dumps({"state": state, "client": _client(client), **info}, separators=(",", ":")).encode()
+    if state not in get_args(PresenceState):
+        raise ValueError(f"presence state must be one of {get_args(PresenceState)}, not {state!r}")
+    if isinstance(info.get("reason"), str):
+        info["reason"] = info["reason"][:300]
+    doc = Presence(state=state, client=_client(client), **info)
+    return doc.model_dump_json(exclude_none=True).encode()
 
 
 def parse_presence(payload: bytes) -> dict[str, Any]:
     """Parse and check a presence body; ``ValueError`` (with the reason) for anything malformed."""
-    if len(payload) > 64 * 1024:
-        raise ValueError(f"presence message of {len(payload)} bytes is too large")
+    if len(payload) > MAX_PRESENCE_BYTES:
+        raise ValueError(f"presence message of {len(payload)} bytes is too large (at most {MAX_PRESENCE_BYTES})")
     try:
         doc = json.loads(payload)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"presence is not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError("presence is not a JSON object")
-    if doc.get("state") not in ("online", "offline"):
-        raise ValueError(f"presence state {doc.get('state')!r} is not 'online' or 'offline'")
-    client = doc.get("client")
-    if isinstance(client, bool) or not isinstance(client, int) or client < 0:
-        raise ValueError(f"presence client {client!r} is not a non-negative integer")
-    return doc
+    try:
+        return Presence.model_validate(doc).model_dump(exclude_none=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "presence"
+        raise ValueError(f"presence {where}: {err['msg']}") from None
 
 
 def matches(topic_filter: str, topic: str) -> bool:

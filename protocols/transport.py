@@ -14,6 +14,10 @@ class TransportError(RuntimeError):
 
 
 class Transport(ABC):
+    #: completed reconnections to the broker since the transport was made (never, in process): a coordinator
+    #: that sees it change re-sends the open round's tasks, which the broker may have lost while it was down.
+    reconnects: int = 0
+
     @abstractmethod
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Send ``payload`` to every subscriber of ``topic`` (at least once)."""

@@ -85,6 +85,10 @@ class ServerContext:
     num_clients: int
     global_epoch: int
     seed: int
+    # How "average" rounds combine updates: "mean" (data-size weighted), or the robust coordinate-wise
+    # "trimmed_mean" (drops trim_ratio of the values at each end) and "median".
+    aggregation: Literal["mean", "trimmed_mean", "median"] = "mean"
+    trim_ratio: float = 0.1
 
 
 # ----------------------------------------------------------------------------------------- cloud side
