@@ -4,9 +4,11 @@ a retained status. It talks only through a Transport, so one loop serves simulat
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,13 +17,24 @@ from typing import Any
 
 import numpy as np
 
+from cloud.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
+from fedcmd_core.robust import clip_bound, clip_update, update_norm
 from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
-from protocols.topics import parse_presence, presence_filter, status_topic, task_topic, updates_filter
+from protocols.topics import (
+    parse_client_topic,
+    parse_presence,
+    presence_filter,
+    status_topic,
+    task_topic,
+    updates_filter,
+)
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.cloud")
+NORM_WINDOW = 100  # update norms the clipping median is taken over
+MAX_STATUS_PROFILES = 16
 
 
 @dataclass
@@ -94,15 +107,23 @@ class Coordinator:
         self.s = settings
         self.checkpoint = checkpoint
         self.run_info = run_info or {}  # published in the status: what agents need to build their side
+        # Tasks carry the run id and updates must echo it: a device's cached answer from another run (or a
+        # forged one) never counts. Kept in the checkpoint, so a resumed run is the same run.
+        self.run_id = uuid.uuid4().hex[:16]
         self.rng = np.random.default_rng(settings.seed)
         self.stragglers = self._pick_stragglers()
         self.next_round = 0
         self.records: list[RoundRecord] = []
         self.rejected: Counter[str] = Counter()
+        self.rejected_by_device: Counter[int] = Counter()
+        self.clipped = 0
+        self.norm_history: list[float] = []  # recent update norms: the clipping bound's median
         self.online: set[int] = set()
+        self.health: dict[int, tuple[str, str]] = {}  # device -> (unhealthy | incompatible, its reason)
         self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
         self.inbox: dict[int, Update] = {}
-        self.expected: set[int] = set()
+        self.asked: dict[int, Task] = {}  # the open round's task per device: what its answer is checked against
+        self._frames: dict[int, bytes] = {}  # the same tasks encoded, re-sent after a broker outage
         self.current_round = -1
         self.bytes_up = 0
         if checkpoint is not None and checkpoint.is_file():
@@ -137,89 +158,110 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------- messages
     def _send(self, rnd: int, cid: int, task: Task) -> int:
-        header = Header(type="task", fleet=self.fleet, round=rnd, client=cid, kind=task.kind, payload=task.config)
+        header = Header(
+            type="task", fleet=self.fleet, round=rnd, client=cid, kind=task.kind, run=self.run_id, payload=task.config
+        )
         frame = encode(header, task.arrays)
+        self.asked[cid] = task
+        self._frames[cid] = frame
         self.transport.publish(task_topic(self.fleet, cid), frame)
         return len(frame)
 
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, cid: int | None = None) -> None:
         self.rejected[reason] += 1
-        log.warning("rejected update: %s (%s)", detail, reason)
+        if cid is not None and 0 <= cid < self.s.num_clients:
+            self.rejected_by_device[cid] += 1
+        who = f"message of device {cid}" if cid is not None else "message"
+        log.warning("rejected %s: %s (%s)", who, detail, reason)
 
     def _on_presence(self, topic: str, payload: bytes) -> None:
+        cid: int | None = None
         try:
-            cid = int(topic.split("/")[-2])
-            presence = parse_presence(payload)
+            fleet, cid, leaf = parse_client_topic(topic)
+            if fleet != self.fleet or leaf != "presence":
+                raise Rejected("bad_presence", f"presence on {topic[:120]!r}")
+            if cid >= self.s.num_clients:
+                raise Rejected("unknown_device", f"device {cid} is not in this fleet of {self.s.num_clients}")
+            try:
+                presence = parse_presence(payload)
+            except ValueError as e:
+                raise Rejected("bad_presence", str(e)) from None
             if presence["client"] != cid:
-                raise ValueError(f"presence of client {presence['client']} on the topic of client {cid}")
-        except (ValueError, IndexError) as e:
-            self.rejected["bad_presence"] += 1
-            log.warning("rejected presence message on %s: %s", topic, e)
-            return
-        if presence["state"] == "online":
+                raise Rejected("spoofed_client", f"presence of device {presence['client']} on the topic of {cid}")
+            self._apply_presence(cid, presence)
+        except Rejected as r:
+            self._reject(r.reason, r.detail, cid)
+        except Exception as e:  # fault isolation: one device's message never takes the coordinator down
+            self._reject("handler_error", f"presence on {topic[:120]!r}: {type(e).__name__}: {e}", cid)
+
+    def _apply_presence(self, cid: int, presence: dict[str, Any]) -> None:
+        state = presence["state"]
+        if state == "online":
             if cid not in self.online:
                 log.info("device %d online (profile %s)", cid, presence.get("profile", "not given"))
             self.online.add(cid)
-            if isinstance(presence.get("profile"), str):
+            self.health.pop(cid, None)
+            if "profile" in presence:
                 self.profiles[cid] = presence["profile"]
-        else:
-            self.online.discard(cid)
-
-    def _check_arrays(self, arrays: dict[str, np.ndarray]) -> str | None:
-        """Why these arrays cannot come from a device running this model (None when they can).
-        Keys are model entries, optionally behind a strategy prefix (``delta::fc2.0.weight``)."""
-        initial = self.strategy.ctx.spec.initial
-        for key, value in arrays.items():
-            name = key.rsplit("::", 1)[-1]
-            ref = initial.get(name)
-            if ref is None:
-                return f"unknown tensor {key!r}"
-            if value.size != ref.size or (value.shape != ref.shape and value.ndim and ref.ndim):
-                return f"{key}: shape {value.shape}, expected {ref.shape}"
-            if np.issubdtype(ref.dtype, np.floating) != np.issubdtype(value.dtype, np.floating):
-                return f"{key}: dtype {value.dtype}, expected {ref.dtype}"
-        return None
+            return
+        self.online.discard(cid)
+        if state in ("unhealthy", "incompatible"):
+            reason = presence.get("reason", "no reason given")
+            if self.health.get(cid) != (state, reason):
+                log.warning("device %d is %s: %s; not sampled until it is online again", cid, state, reason)
+            self.health[cid] = (state, reason)
 
     def _on_update(self, topic: str, payload: bytes) -> None:
+        cid: int | None = None
+        try:
+            _, cid, _ = parse_client_topic(topic)
+            self._accept(topic, payload)
+        except Rejected as r:
+            self._reject(r.reason, r.detail, cid)
+        except Exception as e:  # fault isolation: one device's message never takes the coordinator down
+            self._reject("handler_error", f"update on {topic[:120]!r}: {type(e).__name__}: {e}", cid)
+
+    def _accept(self, topic: str, payload: bytes) -> None:
+        """Check one update against the task its device was sent; on success it waits in the inbox."""
         if len(payload) > self.s.max_update_bytes:
-            self._reject("oversized", f"{len(payload)} bytes on {topic} > {self.s.max_update_bytes}")
-            return
+            raise Rejected("oversized", f"{len(payload)} bytes on {topic} > {self.s.max_update_bytes}")
         try:
             header, arrays = decode(payload)
         except DecodeError as e:
-            self._reject("malformed", str(e))
-            return
+            raise Rejected("malformed", str(e)) from None
         if header.type != "update" or header.fleet != self.fleet:
-            self._reject("wrong_fleet", f"{header.type} for fleet {header.fleet!r}")
-            return
+            raise Rejected("wrong_fleet", f"{header.type} for fleet {header.fleet[:64]!r}")
         if topic.split("/")[-2] != str(header.client):
-            self._reject("spoofed_client", f"client {header.client} published on {topic}")
-            return
+            raise Rejected("spoofed_client", f"client {header.client} published on {topic}")
+        cid = header.client
+        if header.run != self.run_id:
+            raise Rejected("wrong_run", f"client {cid}: run {header.run!r} is not this run ({self.run_id})")
         if header.round != self.current_round:
-            self._reject("wrong_round", f"client {header.client} round {header.round} != {self.current_round}")
-            return
-        if header.client not in self.expected:
-            self._reject("unexpected_client", f"client {header.client} was not tasked in round {header.round}")
-            return
-        if header.client in self.inbox:
-            self._reject("duplicate", f"client {header.client} round {header.round}")
-            return
-        problem = self._check_arrays(arrays)
-        if problem is not None:
-            self._reject("bad_tensors", f"client {header.client}: {problem}")
-            return
-        bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
-        if bad:
-            self._reject("non_finite", f"client {header.client}: {bad[:3]}")
-            return
+            raise Rejected("wrong_round", f"client {cid} round {header.round} != {self.current_round}")
+        task = self.asked.get(cid)
+        if task is None:
+            raise Rejected("unexpected_client", f"client {cid} was not tasked in round {header.round}")
+        if cid in self.inbox:
+            raise Rejected("duplicate", f"client {cid} round {header.round}")
+        if header.kind != task.kind:
+            raise Rejected("wrong_kind", f"client {cid}: a {header.kind[:16]!r} answer to a {task.kind!r} task")
+        cap = self.s.max_num_samples
+        if self.s.train_sizes is not None and cid in self.s.train_sizes:
+            cap = self.s.train_sizes[cid]
+        num_samples = check_num_samples(header.num_samples, cap, 1 if task.kind == "fit" else 0)
+        extra = set(header.payload) - {"metrics", "info"}
+        if extra:
+            raise Rejected("bad_info", f"client {cid}: unknown payload entries {sorted(extra)[:3]}")
+        check_arrays(arrays, self.strategy.expected_upload(task), self.strategy.ctx.spec.initial)
+        metrics = check_metrics(header.payload.get("metrics", {}), self.s.max_num_samples)
+        info = check_info(header.payload.get("info", {}), self.strategy.Info)
         self.bytes_up += len(payload)
-        metrics = {k: float(v) for k, v in header.payload.get("metrics", {}).items()}
-        info = header.payload.get("info", {})
-        self.inbox[header.client] = Update(header.round, arrays, header.num_samples, metrics, info)
+        self.inbox[cid] = Update(header.round, arrays, num_samples, metrics, info)
 
+    # ------------------------------------------------------------------------------------- collecting
     def _collect(self, rnd: int, cids: Sequence[int], kind: str, sequential: bool) -> tuple[list[int], int]:
         """Send ``kind`` tasks to ``cids`` and wait for their updates; returns (answered, bytes down)."""
-        self.current_round, self.inbox, self.expected = rnd, {}, set(cids)
+        self.current_round, self.inbox, self.asked, self._frames = rnd, {}, {}, {}
         down = 0
         answered: list[int] = []
         groups = [[c] for c in cids] if sequential else [list(cids)]
@@ -231,16 +273,99 @@ class Coordinator:
                     if self.s.update_codec != "none":
                         task.config["update_codec"] = self.s.update_codec
                 down += self._send(rnd, cid, task)
-            self.transport.run_until(lambda g=group: all(c in self.inbox for c in g), self.s.deadline)
+            self._wait(rnd, group)
+            if kind == "fit":
+                self._clip(rnd, [c for c in group if c in self.inbox])
             for cid in group:
-                if cid in self.inbox:
-                    answered.append(cid)
-                    if kind == "fit":
+                if cid not in self.inbox:
+                    gone = "" if cid in self.online or not self.s.track_presence else " (it went offline)"
+                    log.warning("round %d: client %d did not answer%s", rnd + 1, cid, gone)
+                    continue
+                if kind == "fit":
+                    try:
                         self.strategy.on_update(rnd, cid, self.inbox[cid])
-                else:
-                    log.warning("round %d: client %d did not answer before the deadline", rnd + 1, cid)
-        self.expected = set()  # late answers are rejected from now on
+                    except Exception as e:  # the strategy could not take it: drop this update, keep the round
+                        self.strategy.pending.pop(cid, None)
+                        del self.inbox[cid]
+                        self._reject("strategy_error", f"round {rnd + 1}: {type(e).__name__}: {e}", cid)
+                        continue
+                answered.append(cid)
+        self.asked = {}  # late answers are rejected from now on
         return answered, down
+
+    def _wait(self, rnd: int, group: list[int]) -> None:
+        """Until the group answered, every device still outstanding is known to be gone, or the deadline;
+        after a broker outage the unanswered tasks go out again (a device resends a task it already did)."""
+
+        def settled() -> bool:
+            outstanding = [c for c in group if c not in self.inbox]
+            return not outstanding or (self.s.track_presence and not any(c in self.online for c in outstanding))
+
+        seen = self.transport.reconnects
+        while True:
+            self.transport.run_until(lambda s=seen: settled() or self.transport.reconnects != s, self.s.deadline)
+            if settled() or self.transport.reconnects == seen:
+                return
+            seen = self.transport.reconnects
+            outstanding = [c for c in group if c not in self.inbox]
+            log.warning("round %d: the broker connection came back; re-sending %d tasks", rnd + 1, len(outstanding))
+            for cid in outstanding:
+                self.transport.publish(task_topic(self.fleet, cid), self._frames[cid])
+
+    def _clip(self, rnd: int, cids: list[int]) -> None:
+        """Scale back updates longer than clip_factor x the median update norm (this round's and recent ones)."""
+        norms: dict[int, float] = {}
+        for cid in cids:
+            norm = update_norm(self.inbox[cid].arrays, self.asked[cid].arrays)
+            if norm is not None:
+                norms[cid] = norm
+        bound = clip_bound(self.norm_history[-NORM_WINDOW:] + list(norms.values()), self.s.clip_factor)
+        self.norm_history = (self.norm_history + list(norms.values()))[-NORM_WINDOW:]
+        if bound is None:
+            return
+        for cid, norm in norms.items():
+            if norm > bound:
+                update = self.inbox[cid]
+                update.arrays = clip_update(update.arrays, self.asked[cid].arrays, norm, bound)
+                self.clipped += 1
+                log.info("round %d: clipped the update of device %d from norm %.3g to %.3g", rnd + 1, cid, norm, bound)
+
+    def _end_round(self, rnd: int, answered: list[int]) -> dict[str, Any]:
+        """The strategy's aggregation, with fault isolation: if it raises, each update is tried alone on a
+        copy of the strategy's state, the ones that break it are rejected, and the rest are aggregated."""
+        snapshot = self._strategy_snapshot()
+        try:
+            return self.strategy.end_round(rnd, answered)
+        except Exception as e:
+            log.warning("round %d: aggregation failed (%s: %s); finding the update that broke it",
+                        rnd + 1, type(e).__name__, e)
+        pending = dict(snapshot["pending"])
+        bad: list[int] = []
+        for cid in answered:
+            self._strategy_restore(snapshot, {cid: pending[cid]} if cid in pending else {})
+            try:
+                self.strategy.end_round(rnd, [cid])
+            except Exception as e:
+                bad.append(cid)
+                self._reject("aggregation_error", f"round {rnd + 1}: {type(e).__name__}: {e}", cid)
+        good = [c for c in answered if c not in bad]
+        self._strategy_restore(snapshot, {c: pending[c] for c in good if c in pending})
+        for cid in bad:
+            answered.remove(cid)
+            self.inbox.pop(cid, None)
+        try:
+            return self.strategy.end_round(rnd, good) if good else {"aggregated": False}
+        except Exception as e:  # together they still fail: keep the model as it was
+            self._strategy_restore(snapshot, {})
+            log.warning("round %d: not aggregated: %s: %s", rnd + 1, type(e).__name__, e)
+            return {"aggregated": False}
+
+    def _strategy_snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy({k: v for k, v in vars(self.strategy).items() if k not in ("params", "ctx")})
+
+    def _strategy_restore(self, snapshot: dict[str, Any], pending: dict[int, Update]) -> None:
+        vars(self.strategy).update(copy.deepcopy({k: v for k, v in snapshot.items() if k != "pending"}))
+        self.strategy.pending = dict(pending)
 
     # ------------------------------------------------------------------------------------- the loop
     def run_round(self, rnd: int) -> RoundRecord:
@@ -249,6 +374,7 @@ class Coordinator:
         self.strategy.begin_round(rnd, cids)
         aggregate_seconds = time.perf_counter() - start
         self.bytes_up = 0
+        clipped_before = self.clipped
         answered, down = self._collect(rnd, cids, "fit", self.strategy.sequential(rnd))
         agg_start = time.perf_counter()
         if len(answered) < self.s.min_clients:
@@ -257,7 +383,7 @@ class Coordinator:
             self.strategy.pending.clear()
             facts: dict[str, Any] = {"aggregated": False}
         else:
-            facts = self.strategy.end_round(rnd, answered)
+            facts = self._end_round(rnd, answered)
             log.info("round %d: aggregated %d of %d clients", rnd + 1, len(answered), len(cids))
         aggregate_seconds += time.perf_counter() - agg_start
         metrics = pooled([self.inbox[c] for c in answered if c in self.inbox])
@@ -265,6 +391,8 @@ class Coordinator:
         facts["aggregate_seconds"] = aggregate_seconds
         facts["fit_seconds_max"] = max(fit, default=0.0)
         facts["fit_seconds_sum"] = sum(fit)
+        if self.clipped != clipped_before:
+            facts["clipped"] = self.clipped - clipped_before
         up = self.bytes_up
         if self.s.test_gap and (rnd + 1) % self.s.test_gap == 0 and rnd + 1 < self.s.global_epoch:
             metrics.update({f"all_{k}": v for k, v in self.evaluate_all(rnd).items()})
@@ -277,6 +405,8 @@ class Coordinator:
         return pooled([self.inbox[c] for c in answered])
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> list[RoundRecord]:
+        if self.checkpoint is not None and not self.checkpoint.is_file():
+            self.save_checkpoint()  # the run id is on disk before any task carries it
         self.publish_status("running")
         while self.next_round < self.s.global_epoch:
             record = self.run_round(self.next_round)
@@ -290,14 +420,24 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------- state
     def publish_status(self, state: str, record: RoundRecord | None = None) -> None:
+        """The retained status: bounded by construction (profiles and reasons come from bounded schemas,
+        distinct profiles are capped, reject reasons are this file's own names)."""
+        profiles = Counter(self.profiles[c] for c in self.online if c in self.profiles)
+        shown = dict(profiles.most_common(MAX_STATUS_PROFILES))
+        if len(profiles) > MAX_STATUS_PROFILES:
+            shown["other"] = sum(profiles.values()) - sum(shown.values())
         status = {
             "state": state,
             "fleet": self.fleet,
+            "run_id": self.run_id,
             "next_round": self.next_round,
             "global_epoch": self.s.global_epoch,
             "online": len(self.online),
-            "profiles": dict(Counter(self.profiles[c] for c in self.online if c in self.profiles)),
+            "profiles": shown,
+            "unhealthy": sum(1 for s, _ in self.health.values() if s == "unhealthy"),
+            "incompatible": sum(1 for s, _ in self.health.values() if s == "incompatible"),
             "rejected": dict(self.rejected),
+            "clipped": self.clipped,
             "run": self.run_info,
         }
         if record is not None:
@@ -312,11 +452,14 @@ class Coordinator:
         save_state_file(
             self.checkpoint,
             {
+                "run_id": self.run_id,
                 "next_round": self.next_round,
                 "rng": self.rng,
                 "stragglers": self.stragglers,
                 "records": [asdict(r) for r in self.records],
                 "rejected": self.rejected,
+                "clipped": self.clipped,
+                "norm_history": self.norm_history,
                 "strategy": self.strategy.state_dict(),
             },
             {"kind": "fedcmd-coordinator-checkpoint", "fleet": self.fleet, "algo": self.strategy.name},
@@ -329,10 +472,13 @@ class Coordinator:
                 f"checkpoint {path} is for fleet {meta.get('fleet')!r} / {meta.get('algo')!r}, "
                 f"not {self.fleet!r} / {self.strategy.name!r}: move it away or point --checkpoint elsewhere"
             )
+        self.run_id = str(values.get("run_id") or self.run_id)
         self.next_round = int(values["next_round"])
         self.rng = values["rng"]
         self.stragglers = set(values["stragglers"])
         self.records = [RoundRecord(**r) for r in values["records"]]
         self.rejected = Counter(values["rejected"])
+        self.clipped = int(values.get("clipped", 0))
+        self.norm_history = [float(v) for v in values.get("norm_history", [])]
         self.strategy.load_state_dict(values["strategy"])
-        log.info("resumed from %s at round %d", path, self.next_round + 1)
+        log.info("resumed run %s from %s at round %d", self.run_id, path, self.next_round + 1)

@@ -22,8 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from fedcmd_core import robust
 from fedcmd_core.models import is_bn_statistic, layer_of
-from fedcmd_core.params import Arrays, load_arrays, model_arrays, weighted_average
+from fedcmd_core.params import Arrays, load_arrays, model_arrays
 from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
 
 _NOT_STATE = ("params", "ctx", "pending")
@@ -33,6 +34,13 @@ class HyperParams(BaseModel):
     """Base for an algorithm's hyper-parameters: unknown keys and wrong types are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoInfo(BaseModel):
+    """The JSON extras a device may send with its update (validated by the coordinator before any strategy
+    sees them). An algorithm whose devices report more declares its own model, every field bounded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 @dataclass
@@ -97,6 +105,7 @@ class ServerStrategy(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[HyperParams]] = HyperParams
+    Info: ClassVar[type[BaseModel]] = NoInfo  # the schema of Update.info from this algorithm's devices
 
     def __init__(self, params: HyperParams, ctx: ServerContext) -> None:
         self.params = params
@@ -145,6 +154,18 @@ class ServerStrategy(ABC):
         task = self.configure_fit(rnd, cid)
         return Task(rnd, "evaluate", task.arrays, task.config)
 
+    def expected_upload(self, task: Task) -> list[str]:
+        """The array names an answer to ``task`` must carry: exactly these, no more, no fewer."""
+        if task.kind != "fit":
+            return []
+        return list(task.config.get("upload", list(task.arrays)))
+
+    def average(
+        self, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], keys: Sequence[str]
+    ) -> Arrays:
+        """The mean every averaging algorithm uses: weighted, or trimmed / median (``ctx.aggregation``)."""
+        return robust.aggregate(states, weights, keys, self.ctx.aggregation, self.ctx.trim_ratio)
+
     def on_update(self, rnd: int, cid: int, update: Update) -> None:
         """Called for each accepted update (in sampling order; in relay rounds, before the next dispatch)."""
         self.pending[cid] = update
@@ -156,7 +177,7 @@ class ServerStrategy(ABC):
         keys = list(updates[0].arrays) if updates else []
         if keys:
             self.global_arrays.update(
-                weighted_average([u.arrays for u in updates], [max(u.num_samples, 1) for u in updates], keys)
+                self.average([u.arrays for u in updates], [max(u.num_samples, 1) for u in updates], keys)
             )
         return {}
 

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from torch import nn
 
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, unflatten
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, HyperParams, ServerContext, ServerStrategy, Task
+from fedcmd_core.strategies.base import (
+    ClientContext,
+    ClientStrategy,
+    HyperParams,
+    NoInfo,
+    ServerContext,
+    ServerStrategy,
+    Task,
+)
 from fedcmd_core.strategies.fedbn import bn_keys
 from fedcmd_core.strategies.fedfomo import split_train, training_on
 from fedcmd_core.strategies.pfedsim import warmup_rounds
@@ -47,9 +55,23 @@ def bn_distance(a: Stats, b: Stats) -> float:
     return total
 
 
+class BNStat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float] = Field(max_length=65536)
+    var: list[float] = Field(max_length=65536)
+
+
+class BNStatsInfo(NoInfo):
+    """A device's BatchNorm input statistics per BN module (checked against the model in _valid)."""
+
+    bn_stats: dict[Annotated[str, StringConstraints(max_length=256)], BNStat] | None = Field(None, max_length=256)
+
+
 class FedAPServer(ServerStrategy):
     name = "fedap"
     Params = FedAPParams
+    Info = BNStatsInfo
 
     def __init__(self, params: FedAPParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, model_arrays, unflatten
 from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances, mode, round_mode
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerContext, ServerStrategy, Task
+from fedcmd_core.strategies.base import ClientStrategy, HyperParams, NoInfo, ServerContext, ServerStrategy, Task
 
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
 
@@ -57,6 +57,14 @@ class FedCMDParams(SelectionParams):
     )
 
 
+class VoteInfo(NoInfo):
+    """Selection rounds: how many batches voted for each candidate layer (bounded: names, entries, counts)."""
+
+    votes: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[int, Field(ge=0, le=10**9)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
 def selection_length(value: float, global_epoch: int) -> int:
     n = int(global_epoch * value) if value < 1 else int(value)
     return max(1, min(n, global_epoch))
@@ -70,6 +78,7 @@ def default_candidates(layer_names: Sequence[str]) -> list[str]:
 class FedCMDServer(ServerStrategy):
     name = "fedcmd"
     Params = FedCMDParams
+    Info = VoteInfo
 
     def __init__(self, params: FedCMDParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -133,6 +142,10 @@ class FedCMDServer(ServerStrategy):
             return self.relay_body
         body = self._round_bodies.get(cid)
         return self._weighted_bodies([cid])[0] if body is None else body
+
+    def expected_upload(self, task: Task) -> list[str]:
+        # phase 2: the body, plus the update (never the weights) of the personal layer
+        return super().expected_upload(task) + [DELTA + k for k in task.config.get("personal", [])]
 
     def on_update(self, rnd: int, cid: int, update: Any) -> None:
         super().on_update(rnd, cid, update)

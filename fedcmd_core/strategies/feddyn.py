@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedcmd_core.params import flatten, model_arrays, unflatten, weighted_average
+from fedcmd_core.params import flatten, model_arrays, unflatten
 from fedcmd_core.strategies.base import ClientContext, ClientStrategy, ServerContext, Task
 from fedcmd_core.strategies.fedavg import FedAvgParams, FedAvgServer
 from fedcmd_core.training import LossTerm
@@ -51,7 +51,7 @@ class FedDynServer(FedAvgServer):
         thetas = np.stack([flatten(u.arrays, self.trainable).astype(np.float64) for u in updates])
         self.h -= alpha / self.ctx.num_clients * (thetas - start).sum(axis=0)
         # Non-trainable shared entries (BN statistics) are a plain uniform mean.
-        self.global_arrays.update(weighted_average([u.arrays for u in updates], [1.0] * len(updates), keys))
+        self.global_arrays.update(self.average([u.arrays for u in updates], [1.0] * len(updates), keys))
         new = thetas.mean(axis=0) - self.h / alpha
         self.global_arrays.update(unflatten(new.astype(np.float32), self.global_arrays, self.trainable))
         return {"h_norm": float(np.linalg.norm(self.h))}

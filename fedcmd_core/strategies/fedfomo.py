@@ -16,14 +16,22 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from fedcmd_core.params import Arrays, flatten, float_keys, load_arrays, model_arrays, weighted_average
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, HyperParams, ServerContext, ServerStrategy, Task
+from fedcmd_core.strategies.base import (
+    ClientContext,
+    ClientStrategy,
+    HyperParams,
+    NoInfo,
+    ServerContext,
+    ServerStrategy,
+    Task,
+)
 from fedcmd_core.training import evaluate
 
 SEP = "::"  # peer arrays travel as "peer<j>::<key>"
@@ -70,9 +78,18 @@ class FedFomoParams(HyperParams):
     valset_ratio: float = Field(0.2, ge=0, lt=1, description="fraction of the train split used for weighting")
 
 
+class FedFomoInfo(NoInfo):
+    """The weights a device gave its peers' models this round (peer id as text -> weight)."""
+
+    weights: dict[Annotated[str, StringConstraints(max_length=20)], float] = Field(
+        default_factory=dict, max_length=100_000
+    )
+
+
 class FedFomoServer(ServerStrategy):
     name = "fedfomo"
     Params = FedFomoParams
+    Info = FedFomoInfo
 
     def __init__(self, params: FedFomoParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
