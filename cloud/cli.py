@@ -6,7 +6,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloud.cli_errors import err_console, fail
+from cloud.cli_errors import err_console, fail, print_error
 from cloud.config import ConfigError, load_config_file, resolve
 
 app = typer.Typer(
@@ -109,7 +109,27 @@ def simulate(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="coordinator checkpoint written after every round; an existing one is resumed"
     ),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="agents keep their state here (resumable)"),
+    state_dir: Optional[Path] = typer.Option(
+        None, "--state-dir", "--state_dir", help="agents keep their state here (resumable)"
+    ),
+    aggregation: Optional[str] = typer.Option(
+        None, "--aggregation", help="mean (default), trimmed_mean or median: how averaging rounds combine updates"
+    ),
+    trim_ratio: Optional[float] = typer.Option(
+        None, "--trim-ratio", "--trim_ratio", help="trimmed_mean: share dropped at each end, 0 <= x < 0.5 (0.1)"
+    ),
+    clip_factor: Optional[float] = typer.Option(
+        None, "--clip-factor", "--clip_factor", help="clip update norms to this x the median norm (3.0; 0 = off)"
+    ),
+    attackers: Optional[int] = typer.Option(
+        None, "--attackers", help="this many simulated devices are malicious (chosen with --seed)"
+    ),
+    attack: Optional[str] = typer.Option(
+        None, "--attack", help="what attackers send: scale, signflip, noise or nan (cloud/attacks.py)"
+    ),
+    attack_scale: Optional[float] = typer.Option(
+        None, "--attack-scale", "--attack_scale", help="the attack's factor s (1e6)"
+    ),
     hp: Optional[list[str]] = typer.Option(
         None, "--hp", help="algorithm hyper-parameter KEY=VALUE, repeatable (e.g. --hp body_mode=relay)"
     ),
@@ -117,10 +137,17 @@ def simulate(
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or round tables"),
 ) -> None:
-    """Run coordinator + all clients in one process over the in-memory transport."""
+    """Run coordinator + all clients in one process over the in-memory transport (or MQTT agents).
+
+    Exit codes: 0 done; 2 a mistake in the options or config; 3 the MQTT broker unreachable (worth a
+    retry); 4 disk: --out, --checkpoint or --state-dir could not be written (read-only or full disk; an
+    earlier checkpoint is kept).
+    """
     cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
     from cloud import run_output
+    from cloud.config import DiskError, Unavailable, check_writable
     from cloud.simulate import build_and_run
+    from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
     from fedcmd_core.data import DataError
 
     for flag in (
@@ -134,9 +161,12 @@ def simulate(
         cfg = resolve(file_values, cli_values)
         target = cfg.out or run_output.default_out(cfg)
         run_output.check_out(target, force)
+        check_writable(target.parent, "--out")  # the run folder is staged beside it
     except ConfigError as e:
         fail(str(e))
         return
+    except DiskError as e:
+        _exit_disk(e, EXIT_DISK)
 
     log_buffer = io.StringIO()
     _setup_logging(log_buffer, quiet)
@@ -174,11 +204,21 @@ def simulate(
     except (ConfigError, DataError) as e:
         fail(str(e))
         return
+    except Unavailable as e:
+        print_error(str(e))
+        raise typer.Exit(EXIT_RETRY) from None
+    except DiskError as e:
+        _exit_disk(e, EXIT_DISK)
     except KeyboardInterrupt:
         fail("interrupted; no run folder was written")
         return
     summ = run_output.summary(result)
     console.print(_summary_table(summ, target))
+
+
+def _exit_disk(e: Exception, code: int) -> NoReturn:
+    print_error(f"disk: {e}")
+    raise typer.Exit(code) from None
 
 
 def _setup_logging(buffer: io.StringIO, quiet: bool) -> None:
@@ -219,6 +259,12 @@ def _summary_table(s: dict[str, Any], folder: Path) -> Table:
     if strat.get("chosen_layer"):
         table.add_row("chosen personal layer", str(strat["chosen_layer"]))
         table.add_row("layer votes", ", ".join(f"{k}:{v}" for k, v in strat.get("vote_counts", {}).items()))
+    if s.get("attackers"):
+        a = s["attackers"]
+        table.add_row("attackers", f"{a['attack']} x{a['scale']:g}: devices {a['devices']}")
+    if s.get("rejected_updates") or s.get("clipped_updates"):
+        rejected = ", ".join(f"{k}:{v}" for k, v in sorted((s.get("rejected_updates") or {}).items()))
+        table.add_row("rejected / clipped updates", f"{rejected or '-'} / {s.get('clipped_updates', 0)}")
     table.add_row("MiB down / up", f"{s['bytes_down'] / 2**20:.1f} / {s['bytes_up'] / 2**20:.1f}")
     table.add_row("seconds (per round)", f"{s['seconds']:.1f} ({s['seconds_per_round']:.3f})")
     table.add_row("run folder", str(folder))

@@ -22,11 +22,15 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
     """Run (or resume from its checkpoint) a federated training over an MQTT fleet.
 
     Exit codes: 0 finished, or stopped by SIGTERM / Ctrl-C (its status says "stopped"; run again to resume);
-    2 a mistake in the config; 3 the broker unreachable or too few devices online (worth a retry).
+    2 a mistake in the config; 3 the broker unreachable or too few devices online (worth a retry);
+    4 disk: the checkpoint or run folder could not be written (read-only or full disk; the previous
+    checkpoint is kept, run again once fixed to resume).
     """
     from cloud.config import ConfigError
     from cloud.serve import Stopped, Unavailable, load_serve_config
     from cloud.serve import serve as run_service
+    from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
+    from fedcmd_core.state_tree import DiskError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -36,7 +40,10 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
         return
     except Unavailable as e:  # exit 3, not 2: a service manager may retry this, not a config mistake
         print_error(str(e))
-        raise typer.Exit(3) from None
+        raise typer.Exit(EXIT_RETRY) from None
+    except DiskError as e:
+        print_error(f"disk: {e}")
+        raise typer.Exit(EXIT_DISK) from None
     except Stopped as e:
         console.print(f"stopped ({e}); run the same command again to resume from the last checkpoint")
         return

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, StrictBool, StrictFloat, ValidationError, field_validator
+
+from fedcmd_core.runspec import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    NumClients,
+    PositiveFloat,
+    PositiveInt,
+    TrainingSettings,
+    first_error,
+)
+from fedcmd_core.state_tree import DiskError, check_writable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,71 +26,83 @@ else:  # pragma: no cover
 
 
 class ConfigError(ValueError):
-    """A user mistake in a config file or option; the text names the problem and the fix."""
+    """A user mistake in a config file or option; the text names the problem and the fix (exit 2)."""
 
 
-class RunConfig(BaseModel):
-    """Every setting of ``fedcmd simulate``. Field names follow the seed's generic arguments."""
+class Unavailable(Exception):
+    """The broker or the fleet is not there (yet): worth retrying later (exit 3), unlike a ConfigError."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    algo: str = "fedcmd"
+__all__ = ["ConfigError", "DiskError", "RunConfig", "Unavailable", "check_writable", "load_config_file", "resolve"]
+
+AttackName = Literal["scale", "signflip", "noise", "nan"]
+
+
+class RunConfig(TrainingSettings):
+    """Every setting of ``fedcmd simulate``. Field names follow the seed's generic arguments; the training
+    settings shared with cloud.toml's ``[run]`` (and their bounds) come from :class:`TrainingSettings`."""
+
     dataset: str = "mnist5k"
-    model: str = "lenet5"
-    seed: int = 42
     # partition: either an existing file, or these generate_data.py settings
     partition: Path | None = None
-    client_num: int = Field(20, ge=1)
-    alpha: float = Field(0.1, ge=0)
-    iid: bool = False
-    classes: int = Field(0, ge=0)
-    shards: int = Field(0, ge=0)
-    least_samples: int = Field(20, ge=0)
+    client_num: NumClients = 20
+    alpha: NonNegativeFloat = 0.1
+    iid: StrictBool = False
+    classes: NonNegativeInt = 0
+    shards: NonNegativeInt = 0
+    least_samples: NonNegativeInt = 20
     split: Literal["sample", "user"] = "sample"
-    fraction: float = Field(0.5, gt=0, lt=1)
+    fraction: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.5
     root: Path | None = None
-    download: bool = False
-    # the seed's generic arguments (REFERENCE.md §4)
-    join_ratio: float = Field(0.1, gt=0, le=1)
-    global_epoch: int = Field(100, ge=1)
-    local_epoch: int = Field(5, ge=0)
-    finetune_epoch: int = Field(0, ge=0)
-    test_gap: int = Field(100, ge=0)
-    eval_test: bool = True
-    eval_train: bool = False
-    local_lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    verbose_gap: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    use_cuda: bool = False
-    global_testset: bool = False
-    straggler_ratio: float = Field(0.0, ge=0, le=1)
-    straggler_min_local_epoch: int = Field(1, ge=0)
+    download: StrictBool = False
+    # the seed's generic arguments (REFERENCE.md §4) not in TrainingSettings
+    join_ratio: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.1
+    test_gap: NonNegativeInt = 100
+    verbose_gap: PositiveInt = 10
+    use_cuda: StrictBool = False
+    global_testset: StrictBool = False
+    straggler_ratio: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
+    straggler_min_local_epoch: NonNegativeInt = 1
     external_model_params_file: Path | None = None
-    save_log: bool = True
-    save_model: bool = False
-    save_fig: bool = True
-    save_metrics: bool = True
+    save_log: StrictBool = True
+    save_model: StrictBool = False
+    save_fig: StrictBool = True
+    save_metrics: StrictBool = True
     # runtime
     transport: Literal["memory", "mqtt"] = "memory"
     broker: str = Field("auto", description="'auto' (private mosquitto, else embedded amqtt) or mqtt://host:port")
     update_codec: Literal["none", "fp16", "int8"] = Field("none", description="quantisation of device updates")
-    workers: int = Field(0, ge=0, description="agent worker processes for --transport mqtt (0: one per core)")
+    workers: NonNegativeInt = Field(0, description="agent worker processes for --transport mqtt (0: one per core)")
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
     # One thread: LeNet-sized batches gain little from two, and lose 5x when another process holds a core.
-    threads: int = Field(1, ge=1, description="torch intra-op threads")
+    threads: PositiveInt = Field(1, description="torch intra-op threads")
     out: Path | None = None
-    # hyper-parameters of the chosen algorithm, validated by its own Params model
-    hp: dict[str, Any] = Field(default_factory=dict)
+    # attack simulation (cloud/attacks.py): this many of the simulated devices are malicious
+    attackers: NonNegativeInt = 0
+    attack: AttackName = "scale"
+    attack_scale: PositiveFloat = 1e6
 
-    @field_validator("algo")
+    @field_validator("broker")
     @classmethod
-    def _known_algo(cls, v: str) -> str:
-        from fedcmd_core.strategies import canonical_name
+    def _broker_url(cls, v: str) -> str:
+        if v != "auto" and not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must be 'auto' or mqtt://host:port (mqtts:// for TLS)")
+        return v
 
-        return canonical_name(v)
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_file(cls, v: Path | None) -> Path | None:
+        if v is not None and v.is_dir():
+            raise ValueError(f"{v} is a folder; give a file path such as {v / 'checkpoint.safetensors'}")
+        return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_folder(cls, v: Path | None) -> Path | None:
+        if v is not None and v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file, not a folder")
+        return v
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -109,8 +132,5 @@ def resolve(file_values: dict[str, Any], cli_values: dict[str, Any]) -> RunConfi
     try:
         cfg = RunConfig(**merged)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {msg} (got {err.get('input')!r})") from None
+        raise ConfigError(first_error(e)) from None
     return cfg

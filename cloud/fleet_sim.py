@@ -12,17 +12,19 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from cloud.config import ConfigError, RunConfig
+from cloud.config import RunConfig, Unavailable
 from cloud.coordinator import RoundRecord
 from cloud.simulate import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
 from protocols.topics import presence_topic
 
 log = logging.getLogger("fedcmd.fleet")
+WORKER_UNAVAILABLE = 3  # a worker's exit code when it cannot reach the broker
 
 
 def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> None:
@@ -32,6 +34,7 @@ def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> 
     import torch
 
     from protocols.mqtt import MqttTransport
+    from protocols.transport import TransportError
 
     torch.set_num_threads(1)
     p = prepare(RunConfig(**json.loads(cfg_json)))
@@ -39,8 +42,12 @@ def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> 
     transports = []
     for cid in cids:
         offline = json.dumps({"state": "offline", "client": cid}).encode()
-        transport = MqttTransport(url, f"{FLEET}-agent-{cid}", will=(presence_topic(FLEET, cid), offline, True))
-        transport.wait_connected(30)
+        try:
+            transport = MqttTransport(url, f"{FLEET}-agent-{cid}", will=(presence_topic(FLEET, cid), offline, True),
+                                      connect_timeout=30.0)
+        except TransportError as e:  # one line, not a worker traceback; the parent reports the exit code
+            print(f"agent worker: {e}", file=sys.stderr)
+            sys.exit(WORKER_UNAVAILABLE)
         # Each agent trains on its own thread, so it needs its own workspace model.
         agent = make_agent(p, transport, cid, model=p.spec.build_model())
         agent.announce()
@@ -62,17 +69,23 @@ def run_mqtt_simulation(
     stats_out: dict[str, Any] | None = None,
 ) -> SimulationResult:
     from protocols.mqtt import MqttTransport
+    from protocols.transport import TransportError
 
     cfg = p.cfg
     broker = None
-    url = cfg.broker
+    url = cfg.broker  # 'auto' or an mqtt(s):// URL: RunConfig checked it
     if url == "auto":
         from protocols.broker import start_broker
 
         broker = start_broker("auto")
         url = broker.url
-    elif not url.startswith(("mqtt://", "mqtts://")):
-        raise ConfigError(f"--broker must be 'auto' or mqtt://host:port, got {url!r}")
+    # The coordinator connects first: an unreachable broker is one line (exit 3) before any worker starts.
+    try:
+        transport = MqttTransport(url, f"{FLEET}-coordinator", connect_timeout=10.0)
+    except TransportError as e:
+        if broker is not None:
+            broker.stop()
+        raise Unavailable(str(e)) from None
     n = p.partition.num_clients
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, n))
     groups = [list(range(n))[w::workers] for w in range(workers)]
@@ -82,18 +95,16 @@ def run_mqtt_simulation(
     # one torch thread per worker: the agents of a worker already train in parallel threads
     worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None, "threads": 1}).model_dump_json()
     procs = [ctx.Process(target=_worker, args=(worker_cfg, url, g, ready, stop), daemon=True) for g in groups if g]
-    transport = None
     try:
         for proc in procs:
             proc.start()
-        transport = MqttTransport(url, f"{FLEET}-coordinator")
-        if not transport.wait_connected(30):
-            raise ConfigError(f"cannot connect to the MQTT broker at {url}")
         deadline_at = time.monotonic() + 300
         for _ in procs:
             if not ready.acquire(timeout=max(1.0, deadline_at - time.monotonic())):
-                dead = [pr.pid for pr in procs if not pr.is_alive()]
-                raise RuntimeError(f"agent workers did not start (dead: {dead})")
+                dead = [pr for pr in procs if not pr.is_alive()]
+                if dead and all(pr.exitcode == WORKER_UNAVAILABLE for pr in dead):
+                    raise Unavailable(f"agent workers could not reach the MQTT broker at {url}")
+                raise RuntimeError(f"agent workers did not start (dead: {[pr.pid for pr in dead]})")
         result = run_coordinator(p, transport, on_round, on_start, started, registration_timeout=120)
         if stats_out is not None:
             rounds = max(1, len(result.records))
@@ -105,8 +116,7 @@ def run_mqtt_simulation(
         return result
     finally:
         stop.set()
-        if transport is not None:
-            transport.close()
+        transport.close()
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():

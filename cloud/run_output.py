@@ -21,6 +21,7 @@ import numpy as np
 
 from cloud.config import ConfigError, RunConfig
 from cloud.simulate import SimulationResult
+from fedcmd_core.state_tree import DiskError
 
 METRIC_COLUMNS = [
     "test_before_acc",
@@ -60,22 +61,30 @@ def check_out(out: Path, force: bool) -> None:
 
 @contextmanager
 def staged(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder that becomes ``out`` only if the block finishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """A temporary folder that becomes ``out`` only if the block finishes. A folder that cannot be
+    made or renamed into place is a DiskError; the temporary folder is removed either way."""
     tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DiskError(f"--out: cannot create {tmp}: {e.strerror or e}", e.errno) from e
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        if not force and (not out.is_dir() or any(out.iterdir())):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ConfigError(f"output folder {out} appeared during the run; results not written")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+    try:
+        if out.exists():
+            if not force and (not out.is_dir() or any(out.iterdir())):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"output folder {out} appeared during the run; results not written")
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskError(f"--out: cannot move the run folder into place at {out}: {e.strerror or e}", e.errno) from e
 
 
 def summary(result: SimulationResult) -> dict[str, Any]:
@@ -99,11 +108,23 @@ def summary(result: SimulationResult) -> dict[str, Any]:
         "seconds": result.seconds,
         "seconds_per_round": float(np.mean([r.seconds for r in rounds])) if rounds else 0.0,
         "rejected_updates": result.rejected,
+        "clipped_updates": result.clipped,
+        "attackers": {"devices": result.attackers, "attack": cfg.attack, "scale": cfg.attack_scale}
+        if result.attackers else None,
         "strategy": result.strategy_summary,
     }
 
 
 def write_run(result: SimulationResult, folder: Path, log_text: str) -> None:
+    """Write every file of the run folder; a full or read-only disk is a DiskError (exit 4), not a traceback."""
+    try:
+        _write_files(result, folder, log_text)
+    except OSError as e:
+        where = e.filename or folder
+        raise DiskError(f"--out: could not write {where}: {e.strerror or e}", e.errno) from e
+
+
+def _write_files(result: SimulationResult, folder: Path, log_text: str) -> None:
     cfg = result.config
     (folder / "config.json").write_text(cfg.model_dump_json(indent=2) + "\n")
     (folder / "summary.json").write_text(json.dumps(summary(result), indent=2, default=str) + "\n")
@@ -114,10 +135,12 @@ def write_run(result: SimulationResult, folder: Path, log_text: str) -> None:
     if cfg.save_fig:
         _plot(result, folder / "accuracy.png")
     if cfg.save_model:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
+        # bytes first, then a plain write: a full disk is an OSError like every other file here
         arrays = {k: np.ascontiguousarray(v) for k, v in result.global_arrays.items()}
-        save_file(arrays, str(folder / "model.safetensors"), metadata={"algo": cfg.algo, "dataset": cfg.dataset})
+        blob = save(arrays, metadata={"algo": cfg.algo, "dataset": cfg.dataset})
+        (folder / "model.safetensors").write_bytes(blob)
 
 
 def _write_metrics(result: SimulationResult, path: Path) -> None:

@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cloud.config import ConfigError
+from cloud.config import ConfigError, Unavailable
 from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
-from fedcmd_core.runspec import RunSpec, build_server
+from fedcmd_core.runspec import RunSpec, build_server, first_error
+from fedcmd_core.state_tree import DiskError, check_writable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,8 +32,7 @@ else:  # pragma: no cover
 log = logging.getLogger("fedcmd.cloud")
 
 
-class Unavailable(Exception):
-    """The broker or the fleet is not there (yet): worth retrying later, unlike a ConfigError."""
+__all__ = ["ServeConfig", "Stopped", "Unavailable", "load_serve_config", "serve"]
 
 
 class Stopped(Exception):
@@ -80,6 +80,28 @@ class ServeConfig(BaseModel):
     update_codec: Literal["none", "fp16", "int8"] = "none"
     run: RunSpec
 
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        # a wrong scheme is a config mistake (exit 2); retrying it (exit 3) would never help
+        if not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must be mqtt://host:port (mqtts://host:port for TLS)")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_file(cls, v: Path) -> Path:
+        if v.is_dir():
+            raise ValueError(f"{v} is a folder; give a file path such as {v / 'checkpoint.safetensors'}")
+        return v
+
+    @field_validator("out")
+    @classmethod
+    def _out_folder(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"{v} is a file; give the folder metrics.csv and summary.json go to")
+        return v
+
 
 def load_serve_config(path: Path) -> ServeConfig:
     if not path.is_file():
@@ -87,12 +109,16 @@ def load_serve_config(path: Path) -> ServeConfig:
     try:
         data = tomllib.loads(path.read_text())
         return ServeConfig(**data)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        raise ConfigError(f"{path}: {first_error(e)}") from None
+
+
+def check_paths(cfg: ServeConfig) -> None:
+    """Prove the checkpoint's folder and the run folder are writable before any device is asked to work."""
+    check_writable(cfg.checkpoint.parent, "checkpoint")
+    check_writable(cfg.out, "out")
 
 
 def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
@@ -102,8 +128,9 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
 
     try:
         server = build_server(cfg.run)
-    except ValueError as e:
+    except ValueError as e:  # SpecError (input_shape vs model) included
         raise ConfigError(f"run: {e}") from None
+    check_paths(cfg)
     if transport is None:
         try:
             transport = connect(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
@@ -126,6 +153,7 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
         test_gap=cfg.test_gap,
         track_presence=True,
         update_codec=cfg.update_codec,
+        clip_factor=cfg.run.clip_factor,
     )
     try:
         coordinator = Coordinator(transport, server, cfg.fleet, settings, cfg.checkpoint,
@@ -144,14 +172,20 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
                 )
             started = time.perf_counter()
             records = coordinator.run(lambda r: log.info("round %d done: %s", r.round + 1, r.metrics))
-        except Stopped:
-            coordinator.publish_status("stopped")  # rounds up to the last checkpoint are kept
+        except (Stopped, DiskError):
+            # Stopped: rounds up to the last checkpoint are kept. DiskError: the checkpoint could not be
+            # written; the previous one is intact, so a restart once the disk is fixed resumes from it.
+            coordinator.publish_status("stopped")
             transport.close()
             raise
     final = coordinator.evaluate_all(cfg.run.global_epoch - 1)
     coordinator.publish_status("finished")
-    _write_results(cfg, records, final, server.summary(), time.perf_counter() - started)
-    transport.close()
+    try:
+        _write_results(cfg, records, final, server.summary(), time.perf_counter() - started)
+    except OSError as e:
+        raise DiskError(f"out: could not write the results to {cfg.out}: {e.strerror or e}", e.errno) from e
+    finally:
+        transport.close()
     return records
 
 

@@ -8,19 +8,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from cloud.attacks import MaliciousClient, pick_attackers
 from cloud.config import ConfigError, RunConfig
 from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
 from edge_agent.agent import Agent
 from fedcmd_core.data import DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
 from fedcmd_core.models import build_model, model_name
 from fedcmd_core.params import load_arrays
-from fedcmd_core.runspec import RunSpec, build_client, build_server
-from fedcmd_core.strategies import ClientData, ModelSpec, ServerStrategy, parse_params
+from fedcmd_core.runspec import RunSpec, TrainingSettings, build_client, build_server, first_error
+from fedcmd_core.state_tree import check_writable
+from fedcmd_core.strategies import ClientData, ClientStrategy, ModelSpec, ServerStrategy, parse_params
 from protocols.memory import MemoryTransport
 from protocols.transport import Transport
 
@@ -38,6 +41,8 @@ class SimulationResult:
     seconds: float
     rejected: dict[str, int] = field(default_factory=dict)
     global_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    attackers: list[int] = field(default_factory=list)  # the malicious devices (--attackers)
+    clipped: int = 0  # updates the coordinator scaled back to the clipping bound
 
     def paper_metric(self, last: int = 10) -> float:
         """Mean over the last ``last`` rounds of the pooled test accuracy before local training."""
@@ -136,6 +141,15 @@ class Prepared:
     device: torch.device
     server: ServerStrategy
     global_test: ClientData | None
+    attackers: list[int] = field(default_factory=list)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Prove --checkpoint's folder and --state-dir are writable before any data is loaded (DiskError)."""
+    if cfg.checkpoint is not None:
+        check_writable(cfg.checkpoint.parent, "--checkpoint")
+    if cfg.state_dir is not None:
+        check_writable(cfg.state_dir, "--state-dir")
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -148,34 +162,29 @@ def prepare(cfg: RunConfig) -> Prepared:
     dataset, partition = load_data(cfg)
     device = _device(cfg)
     model = _initial_model(cfg, dataset).to(device)
-    spec = RunSpec(
-        algo=cfg.algo,
-        hp=cfg.hp,
-        model=cfg.model,
-        input_shape=dataset.input_shape,
-        num_classes=dataset.num_classes,
-        seed=cfg.seed,
-        num_clients=partition.num_clients,
-        global_epoch=cfg.global_epoch,
-        local_epoch=cfg.local_epoch,
-        batch_size=cfg.batch_size,
-        local_lr=cfg.local_lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        eval_train=cfg.eval_train,
-        eval_test=cfg.eval_test,
-        finetune_epoch=cfg.finetune_epoch,
-    )
+    try:  # the shared training settings, plus what the data decide
+        spec = RunSpec(
+            **cfg.model_dump(include=set(TrainingSettings.model_fields)),
+            input_shape=tuple(int(d) for d in dataset.input_shape),
+            num_classes=int(dataset.num_classes),
+            num_clients=int(partition.num_clients),
+        )
+    except ValidationError as e:
+        raise ConfigError(f"dataset {cfg.dataset!r}: {first_error(e)}") from None
     try:
         server = build_server(spec, model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.attackers > partition.num_clients:
+        raise ConfigError(f"--attackers {cfg.attackers}: the partition has only {partition.num_clients} devices")
+    attackers = pick_attackers(partition.num_clients, cfg.attackers, cfg.seed)
     global_test = None
     if cfg.global_testset:
         everyone = torch.from_numpy(np.concatenate(partition.test)).long()
         x, y = dataset.x[everyone].to(device), dataset.y[everyone].to(device)
         global_test = ClientData(x[:0], y[:0], x, y)
-    return Prepared(cfg, spec, dataset, partition, model, ModelSpec.from_model(model), device, server, global_test)
+    return Prepared(cfg, spec, dataset, partition, model, ModelSpec.from_model(model), device, server, global_test,
+                    attackers)
 
 
 def make_agent(p: Prepared, transport: Transport, cid: int, model: torch.nn.Module | None = None) -> Agent:
@@ -183,7 +192,10 @@ def make_agent(p: Prepared, transport: Transport, cid: int, model: torch.nn.Modu
     data = _client_data(p.dataset, p.partition, cid, p.device)
     if model is not None:
         load_arrays(model, p.model_spec.initial)
-    client = build_client(p.spec, cid, data, model or p.model, p.model_spec, p.global_test)
+    client: ClientStrategy = build_client(p.spec, cid, data, model or p.model, p.model_spec, p.global_test)
+    if cid in p.attackers:
+        # duck-typed wrapper (cloud/attacks.py): trains honestly, sends a poisoned update
+        client = cast(ClientStrategy, MaliciousClient(client, p.cfg.attack, p.cfg.attack_scale, p.cfg.seed))
     if p.cfg.state_dir is not None:
         p.cfg.state_dir.mkdir(parents=True, exist_ok=True)
     return Agent(transport, FLEET, cid, client, state_dir=p.cfg.state_dir)
@@ -212,11 +224,16 @@ def run_coordinator(
         track_presence=True,
         deadline=deadline,
         update_codec=cfg.update_codec,
+        clip_factor=cfg.clip_factor,
+        # the coordinator rejects a num_samples above a device's known training-set size
+        train_sizes={cid: len(train) for cid, train in enumerate(p.partition.train)},
     )
     try:
         coordinator = Coordinator(transport, p.server, FLEET, settings, checkpoint=cfg.checkpoint)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if p.attackers:
+        log.warning("attackers (%s, scale %g): devices %s", cfg.attack, cfg.attack_scale, p.attackers)
     if not coordinator.wait_for_clients(num_clients, timeout=registration_timeout):
         raise RuntimeError(f"only {len(coordinator.online)} of {num_clients} agents came online")
     if on_start is not None:
@@ -233,6 +250,8 @@ def run_coordinator(
         seconds=time.perf_counter() - (started or time.perf_counter()),
         rejected=dict(coordinator.rejected),
         global_arrays=p.server.global_arrays if cfg.save_model else {},
+        attackers=list(p.attackers),
+        clipped=int(getattr(coordinator, "clipped", 0)),
     )
 
 
@@ -242,8 +261,10 @@ def build_and_run(
     on_start: Callable[[int], None] | None = None,
     transport: MemoryTransport | None = None,
 ) -> SimulationResult:
-    """Run a whole simulation; raises ConfigError / DataError for user mistakes before any work."""
+    """Run a whole simulation; raises ConfigError / DataError for user mistakes and DiskError for paths
+    that cannot be written before any work, DiskError when a checkpoint write fails during the run."""
     started = time.perf_counter()
+    check_paths(cfg)
     p = prepare(cfg)
     if cfg.transport == "mqtt":
         from cloud.fleet_sim import run_mqtt_simulation
