@@ -22,9 +22,17 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-def fail(message: str) -> None:
+EXIT_CONFIG, EXIT_DISK = 2, 4  # fedcmd_core/cli_exit.py: every fedcmd command's exit codes
+
+
+def fail(message: str, code: int = EXIT_CONFIG) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def disk_fail(message: str) -> None:
+    """A file could not be written (read-only or full disk, a file where a folder should be)."""
+    fail(f"disk: {escape(message)}", EXIT_DISK)
 
 
 @app.callback()
@@ -58,7 +66,11 @@ def run(
     ),
     no_onnx: bool = typer.Option(False, "--no-onnx", help="do not export ONNX after rounds"),
 ) -> None:
-    """Connect, wait for the coordinator's run description, then answer tasks until stopped (SIGTERM)."""
+    """Connect, wait for the coordinator's run description, then answer tasks until stopped (SIGTERM).
+
+    Exit codes: 2 a configuration mistake, or a run this device cannot build (its presence then says
+    "incompatible" and why); 3 retryable (broker unreachable); 4 the state dir cannot hold files."""
+    _check_state_dir(state_dir)  # first: a wrong path is found before a second is spent importing torch
     from edge_agent.profiles import ProfileError, apply_kernel_choice, get_profile
 
     profile = None
@@ -73,8 +85,10 @@ def run(
     import torch
 
     from edge_agent.agent import Agent
+    from edge_agent.compat import Incompatible, check_run
+    from edge_agent.profiles import tensor_bytes
     from fedcmd_core.data import DataError, Partition, load_dataset
-    from fedcmd_core.runspec import RunSpec, build_client
+    from fedcmd_core.runspec import build_client
     from fedcmd_core.strategies import ClientData
     from protocols.mqtt import connect
     from protocols.topics import presence_payload, presence_topic, status_topic
@@ -95,7 +109,6 @@ def run(
         fail(f"--client-id {client_id} is not in {data} ({part.num_clients} clients)")
     tr, te = torch.from_numpy(part.train[client_id]), torch.from_numpy(part.test[client_id])
     local = ClientData(ds.x[tr], ds.y[tr], ds.x[te], ds.y[te])
-    state_dir.mkdir(parents=True, exist_ok=True)
 
     offline = presence_payload(client_id, "offline")
     try:
@@ -110,56 +123,83 @@ def run(
 
     def on_status(topic: str, payload: bytes) -> None:
         try:
-            status.update(json.loads(payload))
-        except ValueError:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):
+            status.update(doc)
+        else:
             logging.getLogger("fedcmd.edge").warning("ignored a malformed status message")
 
     transport.subscribe(status_topic(fleet), on_status)
     if not transport.run_until(lambda: "run" in status and bool(status["run"]), wait):
         transport.close()
         fail(f"no run description from a coordinator of fleet {fleet!r} on {broker} within {wait:.0f} s")
-    spec = RunSpec(**status["run"])
-    if tuple(spec.input_shape) != ds.input_shape:
-        fail(f"the coordinator's model expects inputs {tuple(spec.input_shape)}; {dataset} has {ds.input_shape}")
-    model = spec.build_model()
+    data_bytes = tensor_bytes([ds.x, ds.y, local.x_train, local.y_train, local.x_test, local.y_test])
+    profile_info = {"profile": profile.name} if profile is not None else {}
+    try:
+        spec, estimate = check_run(status["run"], ds.input_shape, data_bytes, profile)
+        model = spec.build_model()
+        client = build_client(spec, client_id, local, model=model)
+    except Exception as e:  # the spec came from the broker: whatever it makes fail, this device cannot serve it
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, Incompatible):
+            reason = f"cannot build the coordinator's run: {reason}"
+        # Retained, so the coordinator (and an operator's `fedcmd cloud status`) see why this device is absent.
+        transport.publish(presence_topic(fleet, client_id),
+                          presence_payload(client_id, "incompatible", reason=reason, **profile_info), retain=True)
+        transport.close()
+        fail(f"client {client_id}: incompatible run: {escape(reason)}")
+        return
     if profile is not None:
-        from edge_agent.profiles import check_memory, estimate_for_model, tensor_bytes
-
-        data_bytes = tensor_bytes([ds.x, ds.y, local.x_train, local.y_train, local.x_test, local.y_test])
-        estimate = estimate_for_model(
-            model, tuple(spec.input_shape), spec.batch_size, data_bytes,
-            momentum=spec.momentum > 0, runtime_mb=profile.runtime_overhead_mb,
-        )
-        try:
-            check_memory(profile, estimate)
-        except ProfileError as e:
-            transport.close()
-            fail(escape(str(e)))
         err.print(
             f"profile {profile.name}: this run needs {estimate.describe()} of {profile.memory_mb} MB",
             highlight=False, soft_wrap=True,
         )
     # The run description next to the state: `fedcmd-edge export-onnx` rebuilds the model from it.
-    _write_atomic(state_dir / "runspec.json", spec.model_dump_json(indent=2))
+    try:
+        _write_atomic(state_dir / "runspec.json", spec.model_dump_json(indent=2))
+    except OSError as e:
+        transport.close()
+        disk_fail(f"--state-dir {state_dir}: cannot write runspec.json: {e.strerror or e}")
     agent = Agent(
-        transport, fleet, client_id, build_client(spec, client_id, local, model=model), state_dir=state_dir,
+        transport, fleet, client_id, client, state_dir=state_dir,
         profile=profile.name if profile else None,
         export_onnx=None if no_onnx else (onnx_out or state_dir / "model.onnx"),
     )
+    # Also the birth message: after every reconnect (a broker restarted without persistence has lost the
+    # retained presence) it says the agent's health then, online or unhealthy.
     agent.announce("online")
-    # again after every reconnect: a broker restarted without persistence has lost the retained presence
-    transport.set_birth((presence_topic(fleet, client_id), agent.presence("online"), True))
     stopping = {"now": False}
 
     def stop(signum: int, frame: object) -> None:
         stopping["now"] = True
 
+    def done() -> bool:
+        agent.tick()  # retries a failed state write every ~30 s
+        return stopping["now"]
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     err.print(f"client {client_id}: online in fleet {fleet!r} ({spec.algo}, {spec.model}); Ctrl-C to stop")
-    transport.run_until(lambda: stopping["now"], None)
+    transport.run_until(done, None)
     agent.announce("offline")  # a clean disconnect does not fire the last will
     transport.close()
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """One line and exit 4 (disk) for a state dir that cannot hold files: read-only, a file, no space."""
+    probe = state_dir / f".fedcmd-write-probe-{os.getpid()}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"fedcmd")
+        probe.unlink()
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        disk_fail(f"--state-dir {state_dir}: cannot write there: {e.strerror or e}")
 
 
 def _write_atomic(path: Path, text: str) -> None:
