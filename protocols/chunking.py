@@ -18,8 +18,9 @@ import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 MAGIC = b"FCH1"
 DEFAULT_LIMIT = 256 * 1024
@@ -28,6 +29,14 @@ MAX_ENVELOPE_JSON = 1024
 _ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEYS = frozenset({"id", "i", "n", "size", "sha256"})
+# Receiver limits (see Reassembler and protocols/README.md §6).
+DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # a reassembled message; ResNet-18 in float32 is 45 MB
+DEFAULT_SENDER_STREAMS = 4  # incomplete messages per sender
+DEFAULT_GLOBAL_PENDING = 1024 * 1024 * 1024  # incomplete messages of all senders together, at most
+# What a held chunk and a stream cost beside their data (Python objects, dict slots), counted against the
+# limits: else a sender of one-byte chunks would pin ~100x the bytes the limits allow.
+_PART_COST = 160
+_STREAM_COST = 512
 
 
 class ChunkError(ValueError):
@@ -120,7 +129,28 @@ class _Stream:
     sha256: str
     started: float
     parts: dict[int, bytes] = field(default_factory=dict)
-    received: int = 0
+    received: int = 0  # data bytes
+    held: int = _STREAM_COST  # what the limits count: data plus per-chunk and per-stream overhead
+
+
+@dataclass
+class _Sender:
+    """What one source topic holds: its incomplete streams' ids, oldest first, and their bytes."""
+
+    ids: dict[str, None] = field(default_factory=dict)
+    bytes: int = 0
+
+
+#: Why a pending stream was dropped (keys of :attr:`Reassembler.dropped`): to make room, or expired.
+DropKind = Literal["sender_streams", "sender_bytes", "global_bytes", "expired"]
+DropHook = Callable[[str, str, str], None]
+
+
+def default_limits(max_message_bytes: int) -> tuple[int, int, int]:
+    """``(per-sender bytes, per-sender streams, global bytes)`` for a message limit: a sender can always
+    have two whole messages in flight (an update and a presence, or a redelivery overlapping the next
+    message); the global cap holds eight senders' worth of whole messages but never more than 1 GiB."""
+    return 2 * max_message_bytes, DEFAULT_SENDER_STREAMS, min(8 * max_message_bytes, DEFAULT_GLOBAL_PENDING)
 
 
 class Reassembler:
@@ -128,23 +158,43 @@ class Reassembler:
 
     Thread-safe. Duplicates (QoS 1 redelivery) of a pending chunk or of a recently completed message are
     dropped and counted, not returned twice. ``counters`` keys: chunks, messages, duplicates, rejected,
-    expired, and ``rejected:<kind>`` per :class:`ChunkError` kind.
+    expired, ``rejected:<kind>`` per :class:`ChunkError` kind, ``dropped:<kind>`` per stream dropped for room
+    and ``dead_chunks`` (later chunks of a dropped or expired stream, ignored: it can never complete).
+
+    Memory: the source topic is the sender (MQTT gives no other identity; each device has its own topics).
+    A sender holds at most ``max_sender_streams`` incomplete streams and ``max_sender_bytes`` bytes, all
+    senders together ``max_pending_bytes`` (each held chunk counts its data plus a fixed overhead). A chunk
+    that would pass a limit first drops the oldest pending streams (the sender's own for its limits,
+    anyone's for the global one) until it fits. ``dropped`` counts dropped streams by :data:`DropKind`
+    (expired ones too) and ``on_drop(kind, topic, text)``, called under the lock, hears of each.
     """
 
     def __init__(
         self,
         timeout_s: float = 60.0,
-        max_message_bytes: int = 512 * 1024 * 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
         max_pending_bytes: int | None = None,
         remember: int = 4096,
+        *,
+        max_sender_bytes: int | None = None,
+        max_sender_streams: int | None = None,
+        on_drop: DropHook | None = None,
     ) -> None:
+        sender_bytes, sender_streams, global_bytes = default_limits(max_message_bytes)
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        # Bytes held by incomplete streams, over all senders: bounds what junk streams can pin in memory.
-        self.max_pending_bytes = max_pending_bytes if max_pending_bytes is not None else 2 * max_message_bytes
+        self.max_sender_bytes = sender_bytes if max_sender_bytes is None else max_sender_bytes
+        self.max_sender_streams = sender_streams if max_sender_streams is None else max_sender_streams
+        self.max_pending_bytes = global_bytes if max_pending_bytes is None else max_pending_bytes
+        if min(self.max_sender_bytes, self.max_sender_streams, self.max_pending_bytes) < 1:
+            raise ValueError("reassembly limits must be positive")
         self.counters: Counter[str] = Counter()
-        self._streams: dict[tuple[str, str], _Stream] = {}
+        self.dropped: Counter[str] = Counter()
+        self.on_drop = on_drop
+        self._streams: dict[tuple[str, str], _Stream] = {}  # insertion order = oldest first
+        self._senders: dict[str, _Sender] = {}  # only senders with pending streams: bounded by the streams
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._dead: OrderedDict[tuple[str, str], None] = OrderedDict()  # streams dropped for room
         self._remember = remember
         self._pending_bytes = 0
         self._lock = threading.Lock()
@@ -158,22 +208,92 @@ class Reassembler:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
+    def sender_bytes(self, source_topic: str) -> int:
+        """Bytes the incomplete streams of one sender hold."""
+        sender = self._senders.get(source_topic)
+        return sender.bytes if sender else 0
+
     def _reject(self, err: ChunkError) -> ChunkError:
         self.counters["rejected"] += 1
         self.counters[f"rejected:{err.kind}"] += 1
         return err
 
-    def _drop(self, key: tuple[str, str]) -> None:
+    def _drop(self, key: tuple[str, str]) -> _Stream | None:
         stream = self._streams.pop(key, None)
         if stream is not None:
-            self._pending_bytes -= stream.received
+            self._pending_bytes -= stream.held
+            sender = self._senders[key[0]]
+            sender.bytes -= stream.held
+            del sender.ids[key[1]]
+            if not sender.ids:
+                del self._senders[key[0]]
+        return stream
+
+    @staticmethod
+    def _remember_key(memo: OrderedDict[tuple[str, str], None], key: tuple[str, str], limit: int) -> None:
+        memo[key] = None
+        memo.move_to_end(key)
+        while len(memo) > limit:
+            memo.popitem(last=False)
+
+    def _evict(self, key: tuple[str, str], kind: DropKind, now: float | None = None) -> str | None:
+        """Drop a pending stream for room or age; its later chunks are ignored (it cannot complete now).
+        Returns the reason, or None if there was no such stream."""
+        stream = self._drop(key)
+        if stream is None:
+            return None
+        self.dropped[kind] += 1
+        self.counters[f"dropped:{kind}"] += 1
+        self._remember_key(self._dead, key, self._remember)
+        held = f"{len(stream.parts)} of {stream.n} chunks, {stream.received} of {stream.size} bytes"
+        if kind == "expired":
+            age = (now if now is not None else time.monotonic()) - stream.started
+            reason = f"message {key[1]} on {key[0]} incomplete after {age:.1f} s: {held}"
+        else:
+            limit = {
+                "sender_streams": f"{self.max_sender_streams} incomplete messages per sender",
+                "sender_bytes": f"{self.max_sender_bytes} pending bytes per sender",
+                "global_bytes": f"{self.max_pending_bytes} pending bytes in all",
+            }[kind]
+            reason = f"dropped incomplete message {key[1]} on {key[0]} ({held}) to stay within {limit}"
+        if self.on_drop is not None:
+            self.on_drop(kind, key[0], reason)
+        return reason
+
+    def _make_room(self, key: tuple[str, str], need: int) -> None:
+        """Drop the oldest other streams until ``need`` more bytes for stream ``key`` fit every limit; raises
+        ``pending_limit`` (dropping ``key``) when that stream alone would pass one (limits set below twice
+        the message limit)."""
+        topic = key[0]
+        sender = self._senders[topic]
+        while sender.bytes + need > self.max_sender_bytes:
+            oldest = next((i for i in sender.ids if i != key[1]), None)
+            if oldest is None:
+                self._drop(key)
+                self._remember_key(self._dead, key, self._remember)
+                raise self._reject(
+                    ChunkError("pending_limit", f"message {key[1]} on {topic} alone would hold over "
+                               f"{self.max_sender_bytes} pending bytes (the per-sender limit)")
+                )
+            self._evict((topic, oldest), "sender_bytes")
+        while self._pending_bytes + need > self.max_pending_bytes:
+            oldest_key = next((k for k in self._streams if k != key), None)
+            if oldest_key is None:
+                self._drop(key)
+                self._remember_key(self._dead, key, self._remember)
+                raise self._reject(
+                    ChunkError("pending_limit", f"message {key[1]} on {topic} alone would hold over "
+                               f"{self.max_pending_bytes} pending bytes (the global limit)")
+                )
+            self._evict(oldest_key, "global_bytes")
 
     def feed(self, source_topic: str, chunk: bytes, *, now: float | None = None, dedupe: bool = True) -> bytes | None:
         """Take one chunk; the whole frame once its last chunk arrived, else None.
 
         ``dedupe=False`` lets a completed message through again (a retained message replayed to a new
         subscription). Raises :class:`ChunkError` for a bad envelope, a chunk that disagrees with the
-        others of its message (that stream is dropped), an oversize message, or a failed integrity check.
+        others of its message (that stream is dropped), an oversize message, a message that alone would
+        pass a pending limit, or a failed integrity check.
         """
         now = time.monotonic() if now is None else now
         with self._lock:
@@ -189,7 +309,20 @@ class Reassembler:
                 return None
             stream = self._streams.get(key)
             if stream is None:
+                if key in self._dead:
+                    self.counters["dead_chunks"] += 1
+                    return None
+                if n == 1:  # complete at once: pins nothing, so it takes no stream slot
+                    return self._complete(key, {0: data}, size, sha)
+                sender = self._senders.get(source_topic)
+                while sender is not None and len(sender.ids) >= self.max_sender_streams:
+                    self._evict((source_topic, next(iter(sender.ids))), "sender_streams")
+                    sender = self._senders.get(source_topic)
+                sender = self._senders.setdefault(source_topic, _Sender())
                 stream = self._streams[key] = _Stream(n=n, size=size, sha256=sha, started=now)
+                sender.ids[meta.id] = None
+                sender.bytes += stream.held
+                self._pending_bytes += stream.held
             elif (stream.n, stream.size, stream.sha256) != (n, size, sha):
                 self._drop(key)
                 raise self._reject(
@@ -201,27 +334,27 @@ class Reassembler:
             if stream.received + len(data) > size:
                 self._drop(key)
                 raise self._reject(ChunkError("oversize", f"message {key[1]} sent more than its declared {size} bytes"))
-            if self._pending_bytes + len(data) > self.max_pending_bytes:
-                self._drop(key)
-                raise self._reject(
-                    ChunkError("pending_limit", f"incomplete messages would hold over {self.max_pending_bytes} bytes")
-                )
+            cost = len(data) + _PART_COST
+            self._make_room(key, cost)
             stream.parts[i] = bytes(data)
             stream.received += len(data)
-            self._pending_bytes += len(data)
+            stream.held += cost
+            self._pending_bytes += cost
+            self._senders[source_topic].bytes += cost
             if len(stream.parts) < n:
                 return None
             self._drop(key)
-            frame = b"".join(stream.parts[j] for j in range(n))
-            if len(frame) != size:
-                raise self._reject(ChunkError("integrity", f"message {key[1]}: {len(frame)} bytes, declared {size}"))
-            if hashlib.sha256(frame).hexdigest() != sha:
-                raise self._reject(ChunkError("integrity", f"message {key[1]} on {source_topic}: sha256 mismatch"))
-            self._done[key] = None
-            while len(self._done) > self._remember:
-                self._done.popitem(last=False)
-            self.counters["messages"] += 1
-            return frame
+            return self._complete(key, stream.parts, size, sha)
+
+    def _complete(self, key: tuple[str, str], parts: dict[int, bytes], size: int, sha: str) -> bytes:
+        frame = b"".join(parts[j] for j in range(len(parts)))
+        if len(frame) != size:
+            raise self._reject(ChunkError("integrity", f"message {key[1]}: {len(frame)} bytes, declared {size}"))
+        if hashlib.sha256(frame).hexdigest() != sha:
+            raise self._reject(ChunkError("integrity", f"message {key[1]} on {key[0]}: sha256 mismatch"))
+        self._remember_key(self._done, key, self._remember)
+        self.counters["messages"] += 1
+        return frame
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop incomplete streams older than ``timeout_s``; returns one reason per stream dropped."""
@@ -230,10 +363,6 @@ class Reassembler:
         with self._lock:
             for key, stream in list(self._streams.items()):
                 if now - stream.started > self.timeout_s:
-                    self._drop(key)
                     self.counters["expired"] += 1
-                    reasons.append(
-                        f"message {key[1]} on {key[0]} incomplete after {now - stream.started:.1f} s: "
-                        f"{len(stream.parts)} of {stream.n} chunks, {stream.received} of {stream.size} bytes"
-                    )
+                    reasons.append(self._evict(key, "expired", now) or "")
         return reasons

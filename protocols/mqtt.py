@@ -5,6 +5,14 @@ broker acknowledged the whole message, handlers run inside :meth:`MqttTransport.
 caller's thread. Underneath, paho's network thread reconnects with back-off (1 s doubling to 30 s),
 re-subscribes, and reassembles chunked messages (``protocols/chunking.py``) into a queue.
 
+Outages: while the broker is unreachable, ``publish`` and ``subscribe`` wait for the reconnection (up to
+``max_outage`` seconds of outage, default forever) instead of failing after ``publish_timeout``; what the
+broker had not acknowledged is sent again on the new connection (paho 2.x keeps unacknowledged QoS 1
+messages across reconnects and re-sends them after the CONNACK, whatever the session state; receivers
+drop the duplicates by chunk id). ``reconnects`` counts completed re-connections: a broker restarted
+without persistence has lost queued messages for subscribers that were offline, so the application
+re-sends what it still needs answered (the coordinator re-sends the open round's tasks).
+
 A clean :meth:`close` does not fire the last will: an agent publishes its "offline" presence itself
 before closing. Each client id must be unique on the broker (a second connection with the same id
 takes the session over and the two would keep kicking each other off).
@@ -32,7 +40,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from protocols.chunking import DEFAULT_LIMIT, ChunkError, Reassembler, split
+from protocols.chunking import DEFAULT_LIMIT, DEFAULT_MAX_MESSAGE, ChunkError, Reassembler, split
 from protocols.memory import MemoryTransport
 from protocols.topics import matches
 from protocols.transport import Handler, Transport, TransportError
@@ -49,6 +57,7 @@ _EXPIRE_EVERY_S = 1.0
 # CONNACK refusals that retrying cannot fix: fail the constructor at once instead of waiting.
 _NO_ANSWER = "no answer from the broker yet"
 _FATAL_CONNACK = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+_WARNED_MAX = 4096  # (kind, topic) pairs already warned about: bounded, a flood may use many topics
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,16 @@ class MqttTransport(Transport):
     (QoS 1, not awaited) on every (re)connect, e.g. a retained "online" presence that a broker restart
     without persistence would otherwise lose. ``connect_timeout``: seconds the constructor waits for
     the first connection (``TransportError`` after that); ``None`` returns at once and keeps trying in
-    the background. ``publish_timeout``: seconds ``publish``/``subscribe`` wait without any
-    acknowledgement from the broker before raising ``TransportError``.
+    the background. ``publish_timeout``: seconds ``publish``/``subscribe`` wait, while connected, without
+    any acknowledgement from the broker before raising ``TransportError``. ``max_outage``: seconds of
+    broker outage (disconnected) they wait through before raising ``TransportError``; ``None`` waits
+    for the reconnection however long it takes.
+
+    Receiving: ``max_message_bytes`` bounds one reassembled message; ``max_sender_bytes`` /
+    ``max_sender_streams`` bound what the incomplete messages of one sender (one topic) hold, and
+    ``max_pending_bytes`` those of all senders (defaults: ``protocols.chunking.default_limits``, 2 x the
+    message limit, 4 streams, min(8 x the message limit, 1 GiB)). Streams dropped to stay within them,
+    oldest first, are counted in ``dropped`` by kind; one warning per kind and sender.
     """
 
     def __init__(
@@ -118,12 +135,16 @@ class MqttTransport(Transport):
         will: tuple[str, bytes, bool] | None = None,
         keepalive: int = 30,
         reassembly_timeout: float = 60.0,
-        max_message_bytes: int = 512 * 1024 * 1024,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
         connect_timeout: float | None = 10.0,
         publish_timeout: float = 30.0,
         birth: tuple[str, bytes, bool] | None = None,
         protocol: Protocol = "auto",
         session_expiry: int = 300,
+        max_outage: float | None = None,
+        max_pending_bytes: int | None = None,
+        max_sender_bytes: int | None = None,
+        max_sender_streams: int | None = None,
     ) -> None:
         address = parse_url(url)
         if protocol == "auto":
@@ -132,10 +153,14 @@ class MqttTransport(Transport):
             raise ValueError("client_id must be a non-empty string")
         if packet_limit < 512:
             raise ValueError(f"packet_limit {packet_limit} is too small (at least 512 bytes)")
+        if max_outage is not None and max_outage < 0:
+            raise ValueError(f"max_outage must be None (wait forever) or >= 0 seconds, not {max_outage}")
         self.url = url
         self.client_id = client_id
         self.packet_limit = packet_limit
         self.publish_timeout = publish_timeout
+        self.max_outage = max_outage
+        self.reconnects = 0
         self._host, self._port = address.host, address.port
         self._username = username if username is not None else address.username
         self._password = password if password is not None else address.password
@@ -148,12 +173,27 @@ class MqttTransport(Transport):
 
         self.rejected: Counter[str] = Counter()  # why incoming messages were dropped
         self.stats: Counter[str] = Counter()  # messages/bytes/chunks in and out, connects, disconnects
-        self._reasm = Reassembler(reassembly_timeout, max_message_bytes)
+        self._warned: dict[tuple[str, str], None] = {}
+        self._warned_lock = threading.Lock()
+        self._reasm = Reassembler(
+            reassembly_timeout,
+            max_message_bytes,
+            max_pending_bytes,
+            max_sender_bytes=max_sender_bytes,
+            max_sender_streams=max_sender_streams,
+            on_drop=self._on_drop,
+        )
+        # Incomplete messages dropped, by kind: sender_streams, sender_bytes, global_bytes (to stay within
+        # the receive limits) and expired; also counted in ``rejected``.
+        self.dropped: Counter[str] = self._reasm.dropped
         self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
         self._subs: list[tuple[str, Handler]] = []
         self._filters: list[str] = []  # distinct filters subscribed at the broker, in order
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        # monotonic time the broker became unreachable (or the transport was made); None while connected
+        self._down_since: float | None = time.monotonic()
+        self._epoch = 0  # connections so far: a SUBSCRIBE sent on an older one was lost with it
         self._closed = False
         self._broker_max_packet: int | None = None
         self._last_error = _NO_ANSWER
@@ -305,7 +345,11 @@ class MqttTransport(Transport):
             # Under the lock with subscribe(): a filter added concurrently is either in this snapshot or
             # sees the connected flag and subscribes itself.
             filters = list(self._filters)
-            self._connected.set()
+            with self._ack_cond:
+                down_since, self._down_since = self._down_since, None
+                self._epoch += 1
+                self._connected.set()
+                self._ack_cond.notify_all()
         # Not awaited (this is the network thread): their acknowledgements are dropped in _on_ack/_on_subscribe.
         if filters:  # the session may be gone (broker restarted without persistence): subscribe again
             _, mid = client.subscribe([(f, self._sub_options()) for f in filters])
@@ -319,7 +363,14 @@ class MqttTransport(Transport):
         if self._will is not None:  # re-armed with a new id for the next connection (paho keeps it for reconnects)
             client.will_set(*self._envelope(self._will)[:2], qos=1, retain=self._will[2])
         if self.stats["connects"] > 1:
-            log.info("%s: reconnected to %s (session present: %s)", self.client_id, self.url, flags.session_present)
+            # Counted after the re-subscription and birth went out: a reader that re-sends on this change
+            # publishes behind them on the same connection.
+            self.reconnects += 1
+            outage = time.monotonic() - down_since if down_since is not None else 0.0
+            log.warning(
+                "%s: broker %s is back after an outage of %.1f s (reconnect %d, session present: %s)",
+                self.client_id, self.url, outage, self.reconnects, flags.session_present,
+            )
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._last_error = f"cannot reach {self._host}:{self._port} (connection refused or timed out)"
@@ -329,13 +380,22 @@ class MqttTransport(Transport):
             # Closed before any CONNACK: a 3.1.1-only broker (amqtt) may drop an MQTT 5 CONNECT this way.
             self._last_error = "the broker closed the connection without answering the MQTT 5 CONNECT"
             self._protocol_refused.set()
-        was = self._connected.is_set()
-        self._connected.clear()
+        with self._ack_cond:
+            was = self._connected.is_set()
+            self._connected.clear()
+            if was:
+                self._down_since = time.monotonic()
+            self._ack_cond.notify_all()
         if was:
             self.stats["disconnects"] += 1
         if not self._closed:
             self._last_error = f"connection lost: {reason}"
-            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id, self.url, reason)
+            if was:  # one line per outage; failed attempts to reconnect are silent (see the "back" line)
+                waits = "forever" if self.max_outage is None else f"up to {self.max_outage} s"
+                log.warning(
+                    "%s: lost the broker %s (%s); reconnecting with back-off, publish waits %s",
+                    self.client_id, self.url, reason, waits,
+                )
 
     def _sub_options(self) -> Any:
         return SubscribeOptions(qos=1) if self.protocol == "5" else 1
@@ -373,19 +433,40 @@ class MqttTransport(Transport):
                 self._acks[mid] = list(reasons)
                 self._ack_cond.notify_all()
 
-    def _wait_ack(self, mid: int, what: str) -> list[ReasonCode]:
+    def _wait_ack(self, mid: int, what: str, epoch: int | None = None) -> list[ReasonCode]:
+        """The broker's answer to ``mid``. ``publish_timeout`` runs only while connected; while the broker
+        is unreachable this waits for paho's reconnection, which re-sends unacknowledged PUBLISHes, up to
+        ``max_outage``. ``epoch``: the connection a SUBSCRIBE went out on; paho does not re-send those,
+        ``_on_connect`` subscribes every filter again, so a newer connection is the answer (no reasons)."""
         deadline = time.monotonic() + self.publish_timeout
         with self._ack_cond:
             while mid not in self._acks:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed:
+                now = time.monotonic()
+                if self._closed:
                     self._abandoned.add(mid)
-                    state = "closed" if self._closed else ("connected" if self.connected else self._last_error)
-                    raise TransportError(
-                        f"{what}: no acknowledgement from the broker at {self.url} within "
-                        f"{self.publish_timeout} s ({state})"
-                    )
-                self._ack_cond.wait(min(remaining, 0.5))
+                    raise TransportError(f"{what}: no acknowledgement from the broker at {self.url} (closed)")
+                if epoch is not None and self._epoch != epoch and self._down_since is None:
+                    self._abandoned.add(mid)
+                    return []
+                down = self._down_since
+                if down is not None:
+                    if self.max_outage is not None and now - down >= self.max_outage:
+                        self._abandoned.add(mid)
+                        raise TransportError(
+                            f"{what}: no acknowledgement: the broker at {self.url} has been unreachable for "
+                            f"{now - down:.1f} s (max_outage {self.max_outage} s; {self._last_error})"
+                        )
+                    deadline = now + self.publish_timeout  # the ack timer starts again once connected
+                    wait = 0.5 if self.max_outage is None else min(0.5, down + self.max_outage - now)
+                else:
+                    wait = deadline - now
+                    if wait <= 0:
+                        self._abandoned.add(mid)
+                        raise TransportError(
+                            f"{what}: no acknowledgement from the broker at {self.url} within "
+                            f"{self.publish_timeout} s (connected)"
+                        )
+                self._ack_cond.wait(min(wait, 0.5))
             return self._acks.pop(mid)
 
     # ------------------------------------------------------------------------------------ publishing
@@ -398,9 +479,11 @@ class MqttTransport(Transport):
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Send ``payload`` (any size: chunked below the packet limit) with QoS 1 and return once the
-        broker acknowledged every chunk. While disconnected it waits for the reconnection, up to
-        ``publish_timeout`` seconds without progress; then ``TransportError``. Chunks already queued may
-        still go out after that (at least once). A retained message must fit one chunk."""
+        broker acknowledged every chunk. While connected, ``TransportError`` after ``publish_timeout``
+        seconds without an acknowledgement; while the broker is unreachable it waits for the reconnection
+        (chunks not yet acknowledged are sent again then), ``TransportError`` once the outage has lasted
+        ``max_outage`` seconds. Chunks already queued may still go out after an error (at least once). A
+        retained message must fit one chunk."""
         if self._closed:
             raise TransportError(f"publish to {topic}: the transport is closed")
         if not topic or any(c in topic for c in "+#"):
@@ -448,13 +531,14 @@ class MqttTransport(Transport):
             if topic_filter not in self._filters:
                 self._filters.append(topic_filter)
             connected = self._connected.is_set()
+            epoch = self._epoch
         if not connected:
             return  # _on_connect subscribes every filter
         # Subscribing again also replays retained messages to the new handler, as the memory transport does.
         rc, mid = self._client.subscribe([(topic_filter, self._sub_options())])
         if rc != mqtt.MQTT_ERR_SUCCESS:
             return  # the connection dropped meanwhile: _on_connect will subscribe it
-        self._check_ack(self._wait_ack(mid, f"subscribe to {topic_filter}"), topic_filter)
+        self._check_ack(self._wait_ack(mid, f"subscribe to {topic_filter}", epoch), topic_filter)
 
     # -------------------------------------------------------------------------------------- receiving
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -470,7 +554,7 @@ class MqttTransport(Transport):
             frame = self._reasm.feed(topic, msg.payload, dedupe=not msg.retain)
         except ChunkError as e:
             self.rejected[e.kind] += 1
-            log.warning("%s: rejected a chunk on %s: %s (%s)", self.client_id, topic, e, e.kind)
+            self._warn_once(e.kind, topic, f"rejected a chunk on {topic}: {e} ({e.kind})")
             frame = None
         if frame is not None:
             self.stats["messages_in"] += 1
@@ -483,9 +567,24 @@ class MqttTransport(Transport):
         if now < self._next_expire:
             return
         self._next_expire = now + _EXPIRE_EVERY_S
-        for reason in self._reasm.expire(now):
-            self.rejected["expired"] += 1
-            log.warning("%s: dropped an incomplete message: %s", self.client_id, reason)
+        self._reasm.expire(now)  # each stream dropped is counted and logged by _on_drop
+
+    def _warn_once(self, kind: str, topic: str, text: str) -> None:
+        """One warning per kind and sender (topic), later ones at debug level: a flood of junk must not
+        flood the log. The counters (``rejected``, ``dropped``) count every one."""
+        with self._warned_lock:  # the network thread and run_until's expiry both come here
+            first = (kind, topic) not in self._warned
+            self._warned[(kind, topic)] = None
+            while len(self._warned) > _WARNED_MAX:
+                del self._warned[next(iter(self._warned))]
+        if not first:
+            log.debug("%s: %s", self.client_id, text)
+            return
+        log.warning("%s: %s (further %s drops from this sender are only counted)", self.client_id, text, kind)
+
+    def _on_drop(self, kind: str, topic: str, text: str) -> None:
+        self.rejected[kind] += 1
+        self._warn_once(kind, topic, text)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         with self._lock:
