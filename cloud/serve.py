@@ -15,13 +15,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator
 
 from cloud.config import ConfigError, Unavailable
 from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
-from fedcmd_core.runspec import RunSpec, build_server, first_error
+from fedcmd_core.runspec import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    RunSpec,
+    build_server,
+    first_error,
+)
 from fedcmd_core.state_tree import DiskError, check_writable
 
 if sys.version_info >= (3, 11):
@@ -69,15 +77,18 @@ class ServeConfig(BaseModel):
     key: Path | None = None
     checkpoint: Path = Path("cloud-state/checkpoint.safetensors")
     out: Path = Path("runs/cloud")
-    join_ratio: float = Field(0.1, gt=0, le=1)
-    min_clients: int = Field(1, ge=1, description="fewer answers than this and a round is not aggregated")
-    round_deadline: float = Field(600.0, gt=0, description="seconds a round (or relay step) waits for devices")
-    wait_clients: int = Field(1, ge=1, description="start when this many devices are online")
-    registration_timeout: float = Field(3600.0, gt=0)
-    straggler_ratio: float = Field(0.0, ge=0, le=1)
-    straggler_min_local_epoch: int = Field(1, ge=0)
-    test_gap: int = Field(0, ge=0)
+    join_ratio: Annotated[StrictFloat, Field(gt=0, le=1)] = 0.1
+    min_clients: PositiveInt = Field(1, description="fewer answers than this and a round is not aggregated")
+    round_deadline: PositiveFloat = Field(600.0, description="seconds a round (or relay step) waits for devices")
+    wait_clients: PositiveInt = Field(1, description="start when this many devices are online")
+    registration_timeout: PositiveFloat = 3600.0
+    straggler_ratio: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.0
+    straggler_min_local_epoch: NonNegativeInt = 1
+    test_gap: NonNegativeInt = 0
     update_codec: Literal["none", "fp16", "int8"] = "none"
+    # seconds the coordinator keeps waiting for a broker that went away (re-connecting with back-off);
+    # None: forever. Past it, a publish fails and the service exits (3) to be restarted.
+    max_outage: NonNegativeFloat | None = None
     run: RunSpec
 
     @field_validator("broker")
@@ -135,7 +146,7 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
         try:
             transport = connect(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
                                 password_file=cfg.password_file, ca=cfg.ca, cert=cfg.cert, key=cfg.key,
-                                connect_timeout=30.0)
+                                connect_timeout=30.0, max_outage=cfg.max_outage)
         except CredentialsError as e:
             raise ConfigError(str(e)) from None  # exit 2: fix the files, a restart will not help
         except TransportError as e:
@@ -178,6 +189,9 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
             coordinator.publish_status("stopped")
             transport.close()
             raise
+        except TransportError as e:  # the broker stayed away longer than max_outage: worth a restart (3)
+            transport.close()
+            raise Unavailable(str(e)) from None
     final = coordinator.evaluate_all(cfg.run.global_epoch - 1)
     coordinator.publish_status("finished")
     try:

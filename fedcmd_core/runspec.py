@@ -121,10 +121,11 @@ def first_error(e: ValidationError, prefix: str = "") -> str:
     """One line naming the field, what is wrong and the value given, for any settings ValidationError."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
-    where = ".".join([prefix, *loc] if prefix else loc) or prefix or "config"
+    parts = [prefix, *loc] if prefix else loc
+    where = ".".join(parts) or "config"
     msg = err["msg"].removeprefix("Value error, ")
     if msg.startswith("hp."):  # raised by the model validator: it names its own field
-        return f"{prefix + '.' if prefix else ''}{msg}"
+        return ".".join([*parts, msg])
     text = f"{where}: {msg}"
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
         text += f" (got {err['input']!r})"

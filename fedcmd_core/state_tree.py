@@ -151,6 +151,8 @@ def check_writable(folder: str | Path, what: str) -> Path:
     ``what`` names the setting in the error, e.g. ``--checkpoint``. Returns the folder."""
     folder = Path(folder)
     probe = folder / f".fedcmd-write-probe-{os.getpid()}-{threading.get_ident()}"
+    if folder.exists() and not folder.is_dir():
+        raise DiskError(f"{what}: cannot write to {folder}: {os.strerror(errno.ENOTDIR)}", errno.ENOTDIR)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
