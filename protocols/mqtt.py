@@ -657,11 +657,13 @@ def connect(
     ca: str | os.PathLike[str] | None = None,
     cert: str | os.PathLike[str] | None = None,
     key: str | os.PathLike[str] | None = None,
+    max_outage: float | None = None,
     **kw: Any,
 ) -> MqttTransport:
     """An :class:`MqttTransport` from the credentials a command line or config file names: a password
     file (its first line), TLS files. Every failure a user can cause is a ``TransportError`` with one
-    readable line: a bad URL, an unreadable file (``CredentialsError``), an unreachable or refusing broker."""
+    readable line: a bad URL, an unreadable file (``CredentialsError``), an unreachable or refusing broker.
+    ``max_outage``: seconds of broker outage a publish waits through (``None``: forever; see MqttTransport)."""
     try:
         password = Path(password_file).read_text().strip() if password_file is not None else None
     except OSError as e:
@@ -671,7 +673,7 @@ def connect(
             raise CredentialsError(f"the {label} {path} does not exist")
     tls = TlsConfig(str(ca), str(cert) if cert else None, str(key) if key else None) if ca else None
     try:
-        return MqttTransport(url, client_id, username=username, password=password, tls=tls, **kw)
+        return MqttTransport(url, client_id, username=username, password=password, tls=tls, max_outage=max_outage, **kw)
     except ValueError as e:
         raise TransportError(str(e)) from None
 
