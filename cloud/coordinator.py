@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cloud.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
-from fedcmd_core.robust import clip_bound, clip_update, update_norm
+from fedcmd_core.robust import GROUPS, clip_bound, clip_update, update_norms
 from fedcmd_core.state_tree import load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
@@ -117,7 +117,7 @@ class Coordinator:
         self.rejected: Counter[str] = Counter()
         self.rejected_by_device: Counter[int] = Counter()
         self.clipped = 0
-        self.norm_history: list[float] = []  # recent update norms: the clipping bound's median
+        self.norm_history: dict[str, list[float]] = {}  # recent update norms per group: the clipping median
         self.online: set[int] = set()
         self.health: dict[int, tuple[str, str]] = {}  # device -> (unhealthy | incompatible, its reason)
         self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
@@ -313,22 +313,25 @@ class Coordinator:
                 self.transport.publish(task_topic(self.fleet, cid), self._frames[cid])
 
     def _clip(self, rnd: int, cids: list[int]) -> None:
-        """Scale back updates longer than clip_factor x the median update norm (this round's and recent ones)."""
-        norms: dict[int, float] = {}
-        for cid in cids:
-            norm = update_norm(self.inbox[cid].arrays, self.asked[cid].arrays)
-            if norm is not None:
-                norms[cid] = norm
-        bound = clip_bound(self.norm_history[-NORM_WINDOW:] + list(norms.values()), self.s.clip_factor)
-        self.norm_history = (self.norm_history + list(norms.values()))[-NORM_WINDOW:]
-        if bound is None:
-            return
-        for cid, norm in norms.items():
-            if norm > bound:
-                update = self.inbox[cid]
-                update.arrays = clip_update(update.arrays, self.asked[cid].arrays, norm, bound)
-                self.clipped += 1
-                log.info("round %d: clipped the update of device %d from norm %.3g to %.3g", rnd + 1, cid, norm, bound)
+        """Scale back updates longer than clip_factor x the median update norm (this round's and recent ones),
+        weights and BN statistics each against their own median."""
+        norms = {cid: update_norms(self.inbox[cid].arrays, self.asked[cid].arrays) for cid in cids}
+        clipped: set[int] = set()
+        for group in GROUPS:
+            current = [n[group] for n in norms.values() if group in n]
+            history = self.norm_history.setdefault(group, [])
+            bound = clip_bound(history[-NORM_WINDOW:] + current, self.s.clip_factor)
+            self.norm_history[group] = (history + current)[-NORM_WINDOW:]
+            if bound is None:
+                continue
+            for cid, n in norms.items():
+                if n.get(group, 0.0) > bound:
+                    update = self.inbox[cid]
+                    update.arrays = clip_update(update.arrays, self.asked[cid].arrays, n[group], bound, group)
+                    clipped.add(cid)
+                    log.info("round %d: clipped the %s update of device %d from norm %.3g to %.3g",
+                             rnd + 1, group, cid, n[group], bound)
+        self.clipped += len(clipped)
 
     def _end_round(self, rnd: int, answered: list[int]) -> dict[str, Any]:
         """The strategy's aggregation, with fault isolation: if it raises, each update is tried alone on a
@@ -479,6 +482,8 @@ class Coordinator:
         self.records = [RoundRecord(**r) for r in values["records"]]
         self.rejected = Counter(values["rejected"])
         self.clipped = int(values.get("clipped", 0))
-        self.norm_history = [float(v) for v in values.get("norm_history", [])]
+        history = values.get("norm_history", {})
+        if isinstance(history, dict):
+            self.norm_history = {g: [float(v) for v in vs] for g, vs in history.items()}
         self.strategy.load_state_dict(values["strategy"])
         log.info("resumed run %s from %s at round %d", self.run_id, path, self.next_round + 1)

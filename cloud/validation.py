@@ -51,6 +51,8 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: list[str], initial:
         if np.issubdtype(value.dtype, np.floating):
             if not np.isfinite(value).all():
                 bad_values.append(key)
+            elif key.endswith("running_var") and value.size and float(value.min()) < 0:
+                raise Rejected("bad_tensors", f"{key}: a negative variance")
         elif value.size and (int(value.min()) < 0 or int(value.max()) > MAX_INT_ENTRY):
             raise Rejected("bad_tensors", f"{key}: integer values outside [0, 2**40]")
     if bad_values:

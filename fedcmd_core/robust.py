@@ -3,9 +3,11 @@
 Two defences, each usable by every algorithm that averages:
 
 * **Norm clipping** (on by default, applied by the coordinator before a strategy sees an update): an
-  update's length is ``||trained - sent||`` over the float entries the device was sent. Longer than
-  ``clip_factor`` x the median length of the round (and of recent rounds) and it is scaled back along its
-  own direction to that bound, so an update scaled by 1e6 counts no more than a long honest one.
+  update's length is ``||trained - sent||`` over the float entries the device was sent, measured for the
+  weights and for the BatchNorm running statistics separately (they move on different scales: one norm
+  over both let a clipped update drive variances negative). Longer than ``clip_factor`` x the median
+  length of the round (and of recent rounds) and that part is scaled back along its own direction to the
+  bound, so an update scaled by 1e6 counts no more than a long honest one.
 * **Coordinate-wise robust means** (``aggregation = "trimmed_mean" | "median"``): per entry, drop the
   ``trim_ratio`` largest and smallest values before the (data-size weighted) mean, or take the median.
 
@@ -18,31 +20,53 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedcmd_core.models import is_bn_statistic
 from fedcmd_core.params import Arrays, float_keys, weighted_average
 
 AGGREGATIONS = ("mean", "trimmed_mean", "median")
 
 
-def update_norm(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float | None:
-    """Euclidean length of ``trained - sent`` over the float entries present in both (None: none are)."""
-    total, compared = 0.0, 0
-    for k in float_keys(trained, [k for k in trained if k in sent]):
-        if not np.issubdtype(np.asarray(sent[k]).dtype, np.floating):
-            continue
+GROUPS = ("weights", "statistics")  # clipped separately: BN running statistics move on another scale
+
+
+def _group(key: str) -> str:
+    return "statistics" if is_bn_statistic(key) else "weights"
+
+
+def _compared(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> list[str]:
+    return [k for k in float_keys(trained, [k for k in trained if k in sent])
+            if np.issubdtype(np.asarray(sent[k]).dtype, np.floating)]
+
+
+def update_norms(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Euclidean length of ``trained - sent`` per group (weights; BN statistics) over the float entries present
+    in both; a group with no such entry is absent."""
+    totals: dict[str, float] = {}
+    for k in _compared(trained, sent):
         d = np.asarray(trained[k], dtype=np.float64) - np.asarray(sent[k], dtype=np.float64)
-        total += float(np.dot(d.ravel(), d.ravel()))
-        compared += 1
-    return float(np.sqrt(total)) if compared else None
+        g = _group(k)
+        totals[g] = totals.get(g, 0.0) + float(np.dot(d.ravel(), d.ravel()))
+    return {g: float(np.sqrt(t)) for g, t in totals.items()}
 
 
-def clip_update(trained: Arrays, sent: Mapping[str, np.ndarray], norm: float, bound: float) -> Arrays:
-    """``trained`` moved back along ``trained - sent`` so that the update's length is ``bound``."""
+def update_norm(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float | None:
+    """Euclidean length of ``trained - sent`` over all compared float entries (None: there are none)."""
+    norms = update_norms(trained, sent)
+    return float(np.sqrt(sum(n * n for n in norms.values()))) if norms else None
+
+
+def clip_update(
+    trained: Arrays, sent: Mapping[str, np.ndarray], norm: float, bound: float, group: str | None = None
+) -> Arrays:
+    """``trained`` moved back along ``trained - sent`` (the entries of ``group``, default all) so that that
+    part of the update has length ``bound``. Moving back toward what was sent keeps every entry between the
+    sent and the trained value, so a variance stays >= 0."""
     if norm <= bound or norm == 0.0:
         return trained
     scale = bound / norm
     out = dict(trained)
-    for k in float_keys(trained, [k for k in trained if k in sent]):
-        if not np.issubdtype(np.asarray(sent[k]).dtype, np.floating):
+    for k in _compared(trained, sent):
+        if group is not None and _group(k) != group:
             continue
         base = np.asarray(sent[k], dtype=np.float64)
         step = np.asarray(trained[k], dtype=np.float64) - base
