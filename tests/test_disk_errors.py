@@ -213,3 +213,23 @@ def test_serve_checkpoint_failing_after_round_1_is_a_disk_error_with_status_stop
     transport.run_until(lambda: bool(status), 1)
     assert status["state"] == "stopped"
     assert _leftovers(tmp_path) == []
+
+
+def test_run_folder_writer_reports_a_disk_error_and_leaves_no_partial_folder(tmp_path: Path) -> None:
+    from cloud import run_output
+    from cloud.simulate import build_and_run
+
+    result = build_and_run(resolve({}, {"algo": "fedavg", "dataset": "synthetic", "model": "2nn", "client_num": 3,
+                                        "join_ratio": 1.0, "global_epoch": 1, "local_epoch": 0, "test_gap": 0}))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DiskError, match=r"--out: could not write .*Not a directory"):
+        run_output.write_run(result, blocker, "log")  # every file of the run lands below a regular file
+    out = tmp_path / "run"
+    with pytest.raises(DiskError), run_output.staged(out, force=False) as folder:
+        (folder / "metrics.csv").write_text("half")
+        run_output.write_run(result, blocker, "log")
+    assert not out.exists() and _leftovers(tmp_path) == []  # the staged .partial folder is gone
+    with run_output.staged(out, force=False) as folder:
+        run_output.write_run(result, folder, "log")
+    assert (out / "summary.json").is_file() and _leftovers(tmp_path) == []
