@@ -103,6 +103,9 @@ def simulate(
         None, "--broker", help="with --transport mqtt: auto (private local broker) or mqtt://host:port"
     ),
     workers: Optional[int] = typer.Option(None, "--workers", help="agent worker processes (default: cores)"),
+    round_deadline: Optional[float] = typer.Option(
+        None, "--round-deadline", "--round_deadline", help="with --transport mqtt: seconds a round waits for devices"
+    ),
     update_codec: Optional[str] = typer.Option(
         None, "--update-codec", help="none, fp16 or int8: how devices encode their updates"
     ),
@@ -122,7 +125,8 @@ def simulate(
         None, "--clip-factor", "--clip_factor", help="clip update norms to this x the median norm (3.0; 0 = off)"
     ),
     attackers: Optional[int] = typer.Option(
-        None, "--attackers", help="this many simulated devices are malicious (chosen with --seed)"
+        None, "--attackers", help="this many simulated devices are malicious (chosen with --seed); over MQTT "
+        "give --round-deadline too: a rejected attacker never answers"
     ),
     attack: Optional[str] = typer.Option(
         None, "--attack", help="what attackers send: scale, signflip, noise or nan (cloud/attacks.py)"

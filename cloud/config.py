@@ -73,6 +73,9 @@ class RunConfig(TrainingSettings):
     broker: str = Field("auto", description="'auto' (private mosquitto, else embedded amqtt) or mqtt://host:port")
     update_codec: Literal["none", "fp16", "int8"] = Field("none", description="quantisation of device updates")
     workers: NonNegativeInt = Field(0, description="agent worker processes for --transport mqtt (0: one per core)")
+    # seconds a round waits for its devices over MQTT (None: until every one answered); an attacker whose
+    # update is rejected never answers, so attacked MQTT runs need one
+    round_deadline: PositiveFloat | None = None
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
     # One thread: LeNet-sized batches gain little from two, and lose 5x when another process holds a core.

@@ -222,7 +222,7 @@ def run_coordinator(
         straggler_min_local_epoch=cfg.straggler_min_local_epoch,
         test_gap=cfg.test_gap,
         track_presence=True,
-        deadline=deadline,
+        deadline=deadline if deadline is not None else cfg.round_deadline,
         update_codec=cfg.update_codec,
         clip_factor=cfg.clip_factor,
         # the coordinator rejects a num_samples above a device's known training-set size
