@@ -160,11 +160,15 @@ def test_subscribe_during_an_outage_takes_effect_when_the_broker_is_back(
 
 # --------------------------------------------------------------------------------- a whole run
 @pytest.mark.timeout(600)
-def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosquitto_broker: Broker) -> None:
+@pytest.mark.parametrize("how", ["stop", "crash"])
+def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosquitto_broker: Broker, how: str) -> None:
     """FedAvg, 4 rounds, agents in threads each with its own connection. The broker goes down twice for
     longer than the coordinator's publish_timeout: right after round 1 closed (the next round's tasks go
     out during the outage) and in round 3 once its tasks are out (the updates come back during or after
-    it). All rounds finish with the clients and metrics of the same run over the in-memory transport."""
+    it). All rounds finish with the clients and metrics of the same run over the in-memory transport.
+
+    ``stop``: SIGTERM; mosquitto 2.0 first sends every connected client's last will (the coordinator
+    hears all its devices go offline). ``crash``: SIGKILL, no wills."""
     from cloud.config import resolve
     from cloud.coordinator import RoundRecord
     from cloud.simulate import FLEET, build_and_run, make_agent, prepare, run_coordinator
@@ -186,6 +190,11 @@ def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosqui
     restarts: list[threading.Timer] = []
 
     def outage(at_round: int) -> None:
+        if how == "crash":
+            proc = mosquitto_broker._proc  # type: ignore[attr-defined]
+            assert proc is not None
+            proc.kill()
+            proc.wait()
         mosquitto_broker.stop()
         outages.append((at_round, time.monotonic()))
         timer = threading.Timer(OUTAGE, mosquitto_broker.start)
