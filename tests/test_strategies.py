@@ -102,10 +102,11 @@ def test_fedavg_is_the_sample_weighted_mean() -> None:
     np.testing.assert_allclose(server.global_arrays[k], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_fedcmd_weighted_body_matches_the_definition() -> None:
+def test_fedcmd_described_variant_mixes_every_stored_body_as_the_paper_defines() -> None:
     tau = 0.5
-    server, spec = _server("fedcmd", num_clients=3, rounds=4, selection_rounds=1, tau=tau)
+    server, spec = _server("fedcmd", num_clients=3, rounds=4, selection_rounds=1, tau=tau, variant="described")
     assert isinstance(server, FedCMDServer)
+    assert (server.params.max_staleness, server.params.server_lr) == (0, 1.0)
     rng = np.random.default_rng(1)
     trainable = spec.trainable_keys()
     server.begin_round(0, [0, 1, 2])
@@ -143,6 +144,68 @@ def test_fedcmd_weighted_body_matches_the_definition() -> None:
     before = server.bodies[1].copy()
     updates[1].arrays["conv1.0.weight"][...] = 1e6
     np.testing.assert_array_equal(server.bodies[1], before)
+
+
+def _head_rows(delta: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([delta["fc2.0.weight"], delta["fc2.0.bias"][:, None]], axis=1).astype(np.float64)
+
+
+def _similarity(a: np.ndarray, b: np.ndarray) -> float:
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return max(0.0, float(cos.mean()))
+
+
+def _phase2_round(server, spec, rnd: int, cids: list[int], rng: np.random.Generator) -> dict[int, tuple]:
+    """Devices train from the bodies the cloud sends; returns {cid: (start, trained, personal update)}."""
+    server.begin_round(rnd, cids)
+    out = {}
+    for c in cids:
+        task = server.task_for(rnd, c)
+        start = flatten(task.arrays, server.body_keys)
+        arrays = {k: (task.arrays[k] + 0.1 * rng.normal(size=task.arrays[k].shape)).astype(np.float32)
+                  for k in server.body_keys}
+        delta = {k: rng.normal(size=spec.initial[k].shape).astype(np.float32) for k in server.personal_keys}
+        arrays.update({DELTA + k: v for k, v in delta.items()})
+        server.on_update(rnd, c, Update(rnd, arrays, 10 + c, {}, {}))
+        out[c] = (start, flatten(arrays, server.body_keys), delta)
+    server.end_round(rnd, cids)
+    return out
+
+
+def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() -> None:
+    """The default (docs/RESEARCH.md, issue 11): only bodies from the last round, similarity-weighted,
+    plus (server_lr - 1) times the weighted mean of their updates theta_j - start_j."""
+    assert parse_params("fedcmd", {}) == parse_params("fedcmd", {"max_staleness": 1, "server_lr": 8.0})
+    server, spec = _server("fedcmd", num_clients=4, rounds=6, selection_rounds=1)
+    rng = np.random.default_rng(2)
+    trainable = spec.trainable_keys()
+    server.begin_round(0, [0, 1, 2, 3])
+    phase1 = {}
+    for c in range(4):
+        server.task_for(0, c)
+        u = _fake_update(spec, trainable, rng, 10 + c)
+        u.info = {"votes": {"fc2": 3}}
+        phase1[c] = {k: u.arrays[k] - spec.initial[k] for k in ("fc2.0.weight", "fc2.0.bias")}
+        server.on_update(0, c, u)
+    server.end_round(0, [0, 1, 2, 3])
+    trained = _phase2_round(server, spec, 1, [0, 1], rng)  # clients 2 and 3 hold round-0 (stale) bodies
+    server.begin_round(2, [2])
+    got = flatten(server.task_for(2, 2).arrays, server.body_keys)
+    phi = np.array([np.exp(_similarity(_head_rows(phase1[2]), _head_rows(trained[j][2]))) for j in (0, 1)])
+    phi = phi / phi.sum()
+    mixed = sum(w * trained[j][1] for w, j in zip(phi, (0, 1)))
+    step = sum(w * (trained[j][1] - trained[j][0]) for w, j in zip(phi, (0, 1)))
+    np.testing.assert_allclose(got, mixed + 7.0 * step, rtol=1e-4, atol=1e-5)
+    # the described form would have mixed all four bodies without the step: a different body
+    assert not np.allclose(got, mixed)
+
+
+def test_fedcmd_described_variant_cannot_be_given_other_knobs() -> None:
+    assert parse_params("fedcmd", {"variant": "described", "server_lr": 1}).max_staleness == 0
+    with pytest.raises(ValueError, match="variant=described"):
+        parse_params("fedcmd", {"variant": "described", "server_lr": 8})
+    with pytest.raises(ValueError):
+        parse_params("fedcmd", {"variant": "fresh"})
 
 
 def test_vote_tallies_break_ties_towards_the_output() -> None:

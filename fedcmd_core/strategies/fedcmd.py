@@ -7,6 +7,12 @@ the device. ``body_mode="weighted"`` gives device i the body sum_j Phi_ij theta_
 the stored (detached) bodies, Phi_ij = exp(s_ij / tau), s_ij = max(0, row-mean cos(dW_i, dW_j)) of
 the personal-layer updates; ``body_mode="relay"`` passes the body from device to device in sampling
 order, which is what the released code computed (REFERENCE.md §6).
+
+Defaults (issue 11, docs/RESEARCH.md): the weighted form mixes only the bodies of the last round
+(``max_staleness=1``) and steps ``server_lr=8`` times along their similarity-weighted update,
+body_i = sum_j Phi_ij theta_j + (server_lr - 1) sum_j Phi_ij (theta_j - start_j); every device of a round
+trains at the same time. ``variant="described"`` is the paper's literal form (all stored bodies, plain
+mixing: max_staleness 0, server_lr 1), which collapses at alpha >= 0.5 (docs/REPRODUCING.md).
 """
 
 from __future__ import annotations
@@ -44,17 +50,45 @@ class SelectionParams(HyperParams):
         return self
 
 
+# The paper's literal form (``variant="described"``): every stored body mixed, plain mixing (no server step).
+DESCRIBED = {"max_staleness": 0, "server_lr": 1.0, "server_momentum": 0.0}
+
+
 class FedCMDParams(SelectionParams):
+    """Defaults: the parallel form chosen in docs/RESEARCH.md (issue 11): only the bodies of the last round
+    are mixed and the cloud steps ``server_lr`` times along the mixed update. ``variant="described"`` is
+    the paper's literal form (all stored bodies, plain mixing)."""
+
+    variant: Literal["default", "described"] = Field(
+        "default", description="described: the paper's literal form (max_staleness 0, server_lr 1)"
+    )
     body_mode: Literal["weighted", "relay"] = "weighted"
     tau: float = Field(1.0, gt=0, description="temperature of Phi = exp(s / tau)")
     unknown_similarity: float = Field(0.0, ge=0, le=1, description="s for pairs never compared")
     top_k: int = Field(0, ge=0, description="weighted mode: keep only the k most similar bodies (0: all)")
     size_weighting: bool = Field(False, description="weighted mode: multiply Phi_ij by n_j")
     self_weight: float = Field(0.0, ge=0, description="weighted mode: extra weight on one's own body")
-    max_staleness: int = Field(0, ge=0, description="weighted mode: only bodies from the last k rounds (0: all)")
+    max_staleness: int = Field(1, ge=0, description="weighted mode: only bodies from the last k rounds (0: all)")
     server_lr: float = Field(
-        1.0, gt=0, description="weighted mode: step on the mixed body update; 1 is the paper's plain mixing"
+        8.0, gt=0, description="weighted mode: step on the mixed body update; 1 is the paper's plain mixing"
     )
+    server_momentum: float = Field(
+        0.0, ge=0, lt=1, description="weighted mode: FedAvgM-style momentum on the round's mean body update"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _described(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("variant") == "described":
+            data = {**DESCRIBED, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_variant(self) -> FedCMDParams:
+        if self.variant == "described" and any(getattr(self, k) != v for k, v in DESCRIBED.items()):
+            given = ", ".join(f"{k}={getattr(self, k)}" for k in DESCRIBED)
+            raise ValueError(f"variant=described is max_staleness=0, server_lr=1, server_momentum=0 (got {given})")
+        return self
 
 
 class VoteInfo(NoInfo):
@@ -103,6 +137,8 @@ class FedCMDServer(ServerStrategy):
         self.sizes: dict[int, int] = {}
         self.sim: np.ndarray | None = None
         self.relay_body: np.ndarray | None = None
+        self.velocity: np.ndarray | None = None  # server_momentum: running sum of the rounds' mean body updates
+        self.push: np.ndarray | None = None  # what momentum adds to every body mixed for the next round
         self._round_bodies: dict[int, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------- structure
@@ -181,6 +217,8 @@ class FedCMDServer(ServerStrategy):
             self.body_round[c] = rnd
             self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
         self._update_similarity()
+        if self.params.server_momentum and self.params.body_mode == "weighted" and done:
+            self._momentum(done)
         self.pending.clear()
         self._round_bodies = {}
         if self.relay_body is not None:
@@ -199,6 +237,16 @@ class FedCMDServer(ServerStrategy):
         self.sent = {c: self._body_from_full(v) for c, v in self.sent.items()}
         self.relay_body = flatten(self.global_arrays, self.body_keys)
         self._update_similarity()
+
+    def _momentum(self, done: Sequence[int]) -> None:
+        """FedAvgM on the mixed update: v_t = beta v_(t-1) + mean_j (theta_j - start_j); the next round's
+        bodies get server_lr * beta * v_(t-1) on top of their own (accelerated) mixed update."""
+        beta, lr = self.params.server_momentum, self.params.server_lr
+        step = np.mean([self.bodies[c] - self.sent[c] for c in done if c in self.sent], axis=0)
+        previous = getattr(self, "velocity", None)
+        previous = np.zeros_like(step) if previous is None else previous
+        self.push = lr * beta * previous
+        self.velocity = beta * previous + step
 
     def _body_from_full(self, full: np.ndarray) -> np.ndarray:
         arrays = unflatten(full, self.global_arrays, self.trainable)
@@ -256,6 +304,9 @@ class FedCMDServer(ServerStrategy):
             # Step further along the mixed update: body + lr * sum_j Phi_ij (theta_j - start_j).
             steps = kernels.weighted_aggregate(phi, [self.bodies[j] - self.sent[j] for j in held])
             mixed = mixed + (p.server_lr - 1.0) * steps
+        push = getattr(self, "push", None)
+        if p.server_momentum and push is not None:
+            mixed = mixed + push[None, :]
         return mixed
 
     def summary(self) -> dict[str, Any]:
@@ -266,6 +317,7 @@ class FedCMDServer(ServerStrategy):
             "vote_counts": dict(self.vote_totals),
             "client_votes": {str(c): v for c, v in sorted(self.client_votes.items())},
             "body_mode": self.params.body_mode,
+            "variant": self.params.variant,
         }
 
 
