@@ -113,13 +113,18 @@ def test_simulate_paths_that_cannot_be_written_exit_4_before_training(tmp_path: 
         args[-1] = str(blocker / "run")
     else:
         args += [flag, str(blocker / "x")]
-    result = subprocess.run([str(FEDCMD), "simulate", *args], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
-    assert result.returncode == 4, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: disk: "), result.stderr
+    if flag == "--out":  # one through the installed command: stderr, exit status, nothing else printed
+        done = subprocess.run([str(FEDCMD), "simulate", *args], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+        code, output = done.returncode, done.stderr + done.stdout
+    else:
+        result = CliRunner().invoke(app, ["simulate", *args])
+        code, output = result.exit_code, result.output
+    assert code == 4, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: disk: "), output
     assert "Not a directory" in lines[0] and flag in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert "Traceback" not in output
     assert not (tmp_path / "run").exists()  # failed before the run, not after it
     assert _leftovers(tmp_path) == []
 
@@ -157,12 +162,11 @@ def test_serve_checkpoint_or_out_that_cannot_be_written_exits_4(tmp_path: Path) 
             f'out = "{paths["out"]}"\n[run]\nalgo = "fedavg"\ninput_shape = [1, 28, 28]\nnum_classes = 10\n'
             "num_clients = 5\nglobal_epoch = 2\n"
         )
-        result = subprocess.run([str(FEDCMD), "cloud", "serve", "--config", str(config)], capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 4, result.stderr
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(f"error: disk: {key}: cannot write to"), result.stderr
-        assert "Traceback" not in result.stderr
+        result = CliRunner().invoke(app, ["cloud", "serve", "--config", str(config)])
+        assert result.exit_code == 4, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: disk: {key}: cannot write to"), result.output
+        assert "Traceback" not in result.output
     assert _leftovers(tmp_path) == []
 
 
