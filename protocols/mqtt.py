@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +118,10 @@ class MqttTransport(Transport):
     Receiving: ``max_message_bytes`` bounds one reassembled message; ``max_sender_bytes`` /
     ``max_sender_streams`` bound what the incomplete messages of one sender (one topic) hold, and
     ``max_pending_bytes`` those of all senders (defaults: ``protocols.chunking.default_limits``, 2 x the
-    message limit, 4 streams, min(8 x the message limit, 1 GiB)). Streams dropped to stay within them,
-    oldest first, are counted in ``dropped`` by kind; one warning per kind and sender.
+    message limit, 4 streams, min(8 x the message limit, 1 GiB)). Complete messages waiting for
+    ``run_until`` are bounded by the same per-sender and global bytes. What is dropped to stay within
+    them, oldest first, is counted in ``dropped`` (and ``rejected``) by kind; one warning per kind and
+    sender.
     """
 
     def __init__(
@@ -186,7 +187,7 @@ class MqttTransport(Transport):
         # Incomplete messages dropped, by kind: sender_streams, sender_bytes, global_bytes (to stay within
         # the receive limits) and expired; also counted in ``rejected``.
         self.dropped: Counter[str] = self._reasm.dropped
-        self._inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._inbox = _Inbox(self._reasm.max_sender_bytes, self._reasm.max_pending_bytes, self._on_inbox_drop)
         self._subs: list[tuple[str, Handler]] = []
         self._filters: list[str] = []  # distinct filters subscribed at the broker, in order
         self._lock = threading.Lock()
@@ -559,7 +560,7 @@ class MqttTransport(Transport):
         if frame is not None:
             self.stats["messages_in"] += 1
             self.stats["bytes_in"] += len(frame)
-            self._inbox.put((topic, frame))
+            self._inbox.put(topic, frame)
         self._maybe_expire()
 
     def _maybe_expire(self) -> None:
@@ -586,6 +587,10 @@ class MqttTransport(Transport):
         self.rejected[kind] += 1
         self._warn_once(kind, topic, text)
 
+    def _on_inbox_drop(self, kind: str, topic: str, text: str) -> None:
+        self.dropped[kind] += 1
+        self._on_drop(kind, topic, text)
+
     def _dispatch(self, topic: str, payload: bytes) -> None:
         with self._lock:
             subs = list(self._subs)
@@ -609,12 +614,11 @@ class MqttTransport(Transport):
                 if remaining <= 0:
                     break
                 wait = min(wait, remaining)
-            try:
-                topic, payload = self._inbox.get(timeout=wait)
-            except queue.Empty:
+            message = self._inbox.get(wait)
+            if message is None:
                 self._maybe_expire()
                 continue
-            self._dispatch(topic, payload)
+            self._dispatch(*message)
         return done()
 
     # ------------------------------------------------------------------------------------------ close
@@ -641,6 +645,79 @@ class MqttTransport(Transport):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Inbox:
+    """Complete messages waiting for ``run_until``, bounded like the reassembler: one sender (topic) may
+    have ``per_sender`` bytes queued, all senders ``total`` (each message also counts a fixed overhead).
+    Past that the sender's own oldest queued message is dropped (``inbox_sender``), or anyone's oldest
+    (``inbox_global``). Much queues only while the application is busy elsewhere (aggregating), and a
+    flood of complete junk messages must not grow it without end meanwhile."""
+
+    _COST = 256  # per message: the entry, the tuple, the bytes object's header
+
+    def __init__(self, per_sender: int, total: int, on_drop: Callable[[str, str, str], None]) -> None:
+        self.per_sender, self.total, self.on_drop = per_sender, total, on_drop
+        self._all: deque[list[Any]] = deque()  # [topic, payload (None once dropped), cost], oldest first
+        self._by_topic: dict[str, deque[list[Any]]] = {}  # the live entries of each topic, oldest first
+        self._bytes: Counter[str] = Counter()
+        self._held = 0
+        self._dead = 0  # dropped entries still in _all
+        self._cond = threading.Condition()
+
+    def put(self, topic: str, payload: bytes) -> None:
+        entry = [topic, payload, len(payload) + self._COST]
+        with self._cond:
+            self._all.append(entry)
+            self._by_topic.setdefault(topic, deque()).append(entry)
+            self._bytes[topic] += entry[2]
+            self._held += entry[2]
+            while self._bytes.get(topic, 0) > self.per_sender:
+                self._drop(self._by_topic[topic][0], "inbox_sender")
+            while self._held > self.total:
+                self._drop(next(e for e in self._all if e[1] is not None), "inbox_global")
+            if self._dead > max(64, len(self._all) // 2):  # drop the dead entries' husks too
+                self._all = deque(e for e in self._all if e[1] is not None)
+                self._dead = 0
+            self._cond.notify()
+
+    def _take(self, entry: list[Any]) -> None:
+        """Remove a live entry that is the oldest of its topic."""
+        topic = entry[0]
+        queued = self._by_topic[topic]
+        queued.popleft()
+        if not queued:
+            del self._by_topic[topic]
+        self._bytes[topic] -= entry[2]
+        if self._bytes[topic] <= 0:
+            del self._bytes[topic]
+        self._held -= entry[2]
+
+    def _drop(self, entry: list[Any], kind: str) -> None:
+        self._take(entry)
+        size = len(entry[1])
+        entry[1] = None
+        self._dead += 1
+        limit = f"{self.per_sender} queued bytes per sender" if kind == "inbox_sender" else f"{self.total} in all"
+        self.on_drop(kind, entry[0], f"dropped a received message of {size} bytes on {entry[0]} not yet "
+                     f"handled, to stay within {limit}")
+
+    def get(self, timeout: float) -> tuple[str, bytes] | None:
+        """The oldest message, waiting up to ``timeout`` seconds for one; None if none came."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._all and self._all[0][1] is None:
+                    self._all.popleft()
+                    self._dead -= 1
+                if self._all:
+                    entry = self._all.popleft()
+                    self._take(entry)
+                    return entry[0], entry[1]
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
 
 
 class CredentialsError(TransportError):

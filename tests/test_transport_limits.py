@@ -239,3 +239,57 @@ def test_a_flood_of_junk_chunks_leaves_the_receiver_bounded(
     # one warning for the flood, not one per chunk
     drops = [r for r in caplog.records if "dropped incomplete message" in r.getMessage()]
     assert len(drops) == 1 and HOSTILE in drops[0].getMessage()
+
+
+FLOOD_WHOLE = """
+import os, secrets, sys
+import paho.mqtt.client as mqtt
+from protocols.chunking import split
+port, topic, count, size = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flooder", protocol=mqtt.MQTTv5)
+c.max_queued_messages_set(0); c.max_inflight_messages_set(64)
+c.connect("127.0.0.1", port); c.loop_start()
+for k in range(count):
+    (chunk,) = split(os.urandom(size), size + 1024)
+    info = c.publish(topic, chunk, qos=1)
+    if k % 64 == 63:
+        info.wait_for_publish(30)
+info.wait_for_publish(30)
+c.disconnect(); c.loop_stop()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_complete_junk_queued_while_the_receiver_is_busy_is_bounded(mosquitto_broker: Broker) -> None:
+    """1,000 complete 200 KB junk messages (200 MB) arrive while the application is busy elsewhere (not
+    in run_until): the queue of messages waiting for it keeps at most the sender's share (16 MiB with
+    8 MiB messages), the oldest dropped; the legitimate sender's message is still there afterwards."""
+    receiver = MqttTransport(mosquitto_broker.url, "coordinator", max_message_bytes=8 * MiB)
+    agent = MqttTransport(mosquitto_broker.url, "agent-1")
+    inbox: list[tuple[str, bytes]] = []
+    try:
+        receiver.subscribe("fedcmd/t/client/+/update", lambda t, p: inbox.append((t, p)))
+        frame = os.urandom(3_000_000)
+        agent.publish(LEGIT, frame)
+        base = _rss()
+        count = 1000
+        flood = subprocess.run(
+            [sys.executable, "-c", FLOOD_WHOLE, str(mosquitto_broker.port), HOSTILE, str(count), str(200_000)],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+        )
+        assert flood.returncode == 0, flood.stderr
+        end = time.monotonic() + 60
+        while receiver.stats["messages_in"] < count + 1 and time.monotonic() < end:
+            time.sleep(0.05)  # busy: nothing is handled meanwhile
+        grown = _rss() - base
+        assert receiver.stats["messages_in"] == count + 1
+        assert receiver.run_until(lambda: False, 1.0) is False
+    finally:
+        receiver.close()
+        agent.close()
+    hostile = [p for t, p in inbox if t == HOSTILE]
+    assert inbox[0] == (LEGIT, frame)
+    assert 0 < len(hostile) * 200_000 <= 16 * MiB
+    assert receiver.dropped["inbox_sender"] == count - len(hostile) == receiver.rejected["inbox_sender"]
+    print(f"queued junk kept: {len(hostile)}, dropped {receiver.dropped['inbox_sender']}, RSS +{grown / MiB:.0f} MiB")
+    assert grown < 100 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
