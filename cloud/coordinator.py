@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
 from fedcmd_core.robust import GROUPS, clip_bound, clip_update, update_norms
-from fedcmd_core.state_tree import load_state_file, save_state_file
+from fedcmd_core.state_tree import DiskError, load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
 from protocols.codec import DecodeError, Header, decode, encode
 from protocols.topics import (
@@ -33,6 +33,10 @@ from protocols.topics import (
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.cloud")
+# Rejections of an answer that passed the identity checks (this run, round, kind, a tasked device): the
+# device will send nothing else for this task, so the round stops waiting for it. (Without per-device ACLs
+# on the broker anyone can publish on a device's topic: deploy with `fedcmd deploy acl`.)
+ANSWER_FAULTS = frozenset({"bad_count", "bad_info", "bad_tensors", "non_finite", "bad_metrics"})
 NORM_WINDOW = 100  # update norms the clipping median is taken over
 MAX_STATUS_PROFILES = 16
 
@@ -123,6 +127,7 @@ class Coordinator:
         self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
         self.inbox: dict[int, Update] = {}
         self.asked: dict[int, Task] = {}  # the open round's task per device: what its answer is checked against
+        self.failed: set[int] = set()  # tasked devices whose answer was rejected: nothing else will come
         self._frames: dict[int, bytes] = {}  # the same tasks encoded, re-sent after a broker outage
         self.current_round = -1
         self.bytes_up = 0
@@ -218,6 +223,8 @@ class Coordinator:
             self._accept(topic, payload)
         except Rejected as r:
             self._reject(r.reason, r.detail, cid)
+            if r.reason in ANSWER_FAULTS and cid in self.asked and cid not in self.inbox:
+                self.failed.add(cid)  # its own (run, round, kind) answer, broken: stop waiting for it
         except Exception as e:  # fault isolation: one device's message never takes the coordinator down
             self._reject("handler_error", f"update on {topic[:120]!r}: {type(e).__name__}: {e}", cid)
 
@@ -261,7 +268,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------------- collecting
     def _collect(self, rnd: int, cids: Sequence[int], kind: str, sequential: bool) -> tuple[list[int], int]:
         """Send ``kind`` tasks to ``cids`` and wait for their updates; returns (answered, bytes down)."""
-        self.current_round, self.inbox, self.asked, self._frames = rnd, {}, {}, {}
+        self.current_round, self.inbox, self.asked, self._frames, self.failed = rnd, {}, {}, {}, set()
         down = 0
         answered: list[int] = []
         groups = [[c] for c in cids] if sequential else [list(cids)]
@@ -298,7 +305,7 @@ class Coordinator:
         after a broker outage the unanswered tasks go out again (a device resends a task it already did)."""
 
         def settled() -> bool:
-            outstanding = [c for c in group if c not in self.inbox]
+            outstanding = [c for c in group if c not in self.inbox and c not in self.failed]
             return not outstanding or (self.s.track_presence and not any(c in self.online for c in outstanding))
 
         seen = self.transport.reconnects
@@ -451,7 +458,10 @@ class Coordinator:
     def save_checkpoint(self) -> None:
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DiskError(f"could not create the folder of {self.checkpoint}: {e.strerror or e}", e.errno) from e
         save_state_file(
             self.checkpoint,
             {

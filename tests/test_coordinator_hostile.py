@@ -259,3 +259,32 @@ def test_clipping_scales_back_along_the_update() -> None:
     assert robust.update_norm(clipped, sent) == pytest.approx(bound, rel=1e-5)
     np.testing.assert_allclose(clipped["w"] / clipped["w"][0], 1.0)  # same direction
     assert robust.clip_bound([1.0, 2.0], 0.0) is None
+
+
+class Networked(Tampering):
+    """Like a network transport, run_until blocks until done() or the timeout when nothing more arrives."""
+
+    def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        if super().run_until(done, timeout) or timeout is None:
+            return done()
+        time.sleep(timeout)
+        return done()
+
+
+def test_a_rejected_answer_ends_the_wait_for_that_device() -> None:
+    def nan(h: Header, a: dict) -> tuple[Header, dict]:
+        return h, {k: np.full_like(v, np.nan) if v.dtype == np.float32 else v for k, v in a.items()}
+
+    transport = Networked(nan, hostile={3})
+    p = prepare(_cfg("fedavg", global_epoch=1, join_ratio=1.0))
+    for cid in range(p.partition.num_clients):
+        make_agent(p, transport, cid).announce()
+    settings = RoundSettings(num_clients=10, global_epoch=1, join_ratio=1.0, seed=5, local_epoch=1,
+                             track_presence=True, deadline=30.0)
+    c = Coordinator(transport, p.server, FLEET, settings)
+    transport.run_until(lambda: len(c.online) == 10, 1.0)
+    started = time.monotonic()
+    record = c.run_round(0)
+    assert transport.tampered == 1 and c.rejected["non_finite"] == 1
+    assert record.answered == [x for x in record.clients if x != 3]
+    assert time.monotonic() - started < 15  # not the 30 s deadline
