@@ -6,7 +6,7 @@ Delivery happens inside :meth:`run_until`, never inside :meth:`publish`, so hand
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from protocols.topics import matches
@@ -21,6 +21,9 @@ class MemoryTransport(Transport):
         self._subs: list[tuple[str, Handler]] = []
         self._retained: dict[str, bytes] = {}
         self.bytes_published = 0
+        # Same counters a coordinator reads from MqttTransport; nothing is ever dropped in process.
+        self.rejected: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         self.bytes_published += len(payload)
