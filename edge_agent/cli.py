@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedcmd_core.cli_exit import EXIT_CONFIG, EXIT_DISK  # stdlib only: fine on an inference-only install
+
 app = typer.Typer(
     help="fedcmd edge agent: trains on this device's data when the coordinator asks.",
     no_args_is_help=True,
@@ -22,7 +24,6 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-EXIT_CONFIG, EXIT_DISK = 2, 4  # fedcmd_core/cli_exit.py: every fedcmd command's exit codes
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> None:
