@@ -10,9 +10,9 @@ task carried (zero for keys the task did not carry, e.g. FedCMD's ``delta::`` pe
 - ``noise``:    sent + N(0, (s * rms(d))^2) per entry   (noise s times the honest update's size)
 - ``nan``:      NaN everywhere       (the coordinator must reject it as non-finite)
 
-Integer arrays (BatchNorm's ``num_batches_tracked``), sample counts and metrics are left honest: the
-attack is on the parameters. Which devices attack is drawn from the run seed, on a stream of its own
-(the round sampling is unchanged).
+Integer arrays, BatchNorm running statistics, sample counts and metrics are left honest: the attack is on
+the parameters (a scaled running variance goes negative, which the coordinator rejects outright). Which
+devices attack is drawn from the run seed, on a stream of its own (the round sampling is unchanged).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, get_args
 import numpy as np
 
 from cloud.config import AttackName
+from fedcmd_core.models import is_bn_statistic
 from fedcmd_core.strategies import ClientStrategy, Task, Update
 
 ATTACKS: tuple[str, ...] = get_args(AttackName)
@@ -49,7 +50,7 @@ def poison(
         raise ValueError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
     out: dict[str, np.ndarray] = {}
     for key, trained in arrays.items():
-        if not np.issubdtype(trained.dtype, np.floating):
+        if not np.issubdtype(trained.dtype, np.floating) or is_bn_statistic(key):
             out[key] = trained
             continue
         ref = sent.get(key)
