@@ -200,6 +200,33 @@ def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() 
     assert not np.allclose(got, mixed)
 
 
+def test_fedcmd_server_momentum_adds_the_previous_rounds_velocity() -> None:
+    """server_momentum=beta: bodies of round t+1 get server_lr * beta * v_(t-1) on top of the default body,
+    v_t = beta v_(t-1) + mean_j (theta_j - start_j) over round t's devices (FedAvgM)."""
+    beta, lr = 0.5, 8.0
+    server, spec = _server("fedcmd", num_clients=4, rounds=8, selection_rounds=1, server_momentum=beta)
+    rng = np.random.default_rng(3)
+    server.begin_round(0, [0, 1, 2, 3])
+    for c in range(4):
+        server.task_for(0, c)
+        u = _fake_update(spec, spec.trainable_keys(), rng, 10)
+        u.info = {"votes": {"fc2": 3}}
+        server.on_update(0, c, u)
+    server.end_round(0, [0, 1, 2, 3])
+    first = _phase2_round(server, spec, 1, [0, 1], rng)
+    v1 = np.mean([first[c][1] - first[c][0] for c in (0, 1)], axis=0)
+    second = _phase2_round(server, spec, 2, [2, 3], rng)
+    server.begin_round(3, [0])
+    got = flatten(server.task_for(3, 0).arrays, server.body_keys)
+    phi = np.array([np.exp(_similarity(_head_rows(first[0][2]), _head_rows(second[j][2]))) for j in (2, 3)])
+    phi = phi / phi.sum()
+    mixed = sum(w * second[j][1] for w, j in zip(phi, (2, 3)))
+    step = sum(w * (second[j][1] - second[j][0]) for w, j in zip(phi, (2, 3)))
+    np.testing.assert_allclose(got, mixed + (lr - 1) * step + lr * beta * v1, rtol=1e-4, atol=1e-5)
+    v2 = np.mean([second[c][1] - second[c][0] for c in (2, 3)], axis=0)
+    np.testing.assert_allclose(server.velocity, beta * v1 + v2, rtol=1e-5, atol=1e-6)
+
+
 def test_fedcmd_described_variant_cannot_be_given_other_knobs() -> None:
     assert parse_params("fedcmd", {"variant": "described", "server_lr": 1}).max_staleness == 0
     with pytest.raises(ValueError, match="variant=described"):
