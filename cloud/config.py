@@ -120,7 +120,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def resolve(file_values: dict[str, Any], cli_values: dict[str, Any]) -> RunConfig:
-    """File first, then every option given on the command line (None = not given)."""
+    """File first, then every option given on the command line (None = not given). Neither dict is changed."""
+    cli_values = dict(cli_values)
     merged = dict(file_values)
     hp = dict(merged.pop("hp", {}) or {})
     algo = cli_values.get("algo") or merged.get("algo", "fedcmd")

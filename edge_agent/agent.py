@@ -17,6 +17,7 @@ cannot be read at start is moved aside and the device starts fresh from the clou
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -61,6 +62,7 @@ class Agent:
         self.strategy = strategy
         self.tasks_done = 0  # tasks trained or evaluated (a resent answer is not counted)
         self.resent = 0  # tasks answered from the cache
+        self.failed = 0  # tasks that raised while training or evaluating (not answered; state rolled back)
         self.profile = profile  # reported at registration so the coordinator knows what it is sampling
         self.export_onnx = export_onnx  # personalized model re-exported here after every fit
         self.answers: dict[Kind, tuple[AnswerKey, bytes]] = {}
@@ -117,7 +119,15 @@ class Agent:
                 self._after_save(self.save())
             return
         task = Task(header.round, kind, arrays, header.payload)
-        update = self.strategy.evaluate(task) if kind == "evaluate" else self.strategy.fit(task)
+        before = copy.deepcopy(self.strategy.state_dict())
+        try:
+            update = self.strategy.evaluate(task) if kind == "evaluate" else self.strategy.fit(task)
+        except Exception as e:  # a task this device cannot carry out (e.g. a non-finite body): no answer, no crash
+            self.strategy.load_state_dict(before)
+            self.failed += 1
+            log.warning("client %d: could not carry out the %s task of round %d: %s: %s", self.client_id, kind,
+                        header.round + 1, type(e).__name__, e)
+            return
         self.tasks_done += 1
         frame = self.encode_update(task, update, run=header.run)
         self.answers[kind] = (key, frame)

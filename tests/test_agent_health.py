@@ -314,3 +314,30 @@ def test_a_state_dir_that_cannot_hold_files_is_one_line(tmp_path: Path, where: s
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 4, proc.stderr  # fedcmd_core/cli_exit.py: 4 = a file could not be written
     assert len(lines) == 1 and "--state-dir" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_task_the_device_cannot_carry_out_is_not_answered_and_does_not_stop_it(tmp_path: Path) -> None:
+    """A body of NaN makes training raise (here: FedPer's forward produces NaN and the loss check, or any
+    strategy error): the device logs one line, keeps its previous state and answers the next task."""
+    dev = Device(tmp_path)
+    dev.task(0)
+    kept = state_arrays(dev.client)
+    from fedcmd_core.runspec import build_server
+
+    task = build_server(SPEC).task_for(1, dev.cid, "fit")
+    broken = {k: np.full_like(v, np.nan) if v.dtype == np.float32 else v for k, v in task.arrays.items()}
+    header = Header(type="task", fleet=FLEET, round=1, client=dev.cid, kind="fit", run="run-a", payload=task.config)
+    original_fit = dev.client.fit
+
+    def raising_fit(t):  # type: ignore[no-untyped-def]
+        original_fit(t)  # trains on NaN (changing the state), then fails as a strategy can
+        raise ValueError("non-finite values in the vote")
+
+    dev.client.fit = raising_fit  # type: ignore[method-assign]
+    sent = len(dev.updates)
+    dev.transport.publish(task_topic(FLEET, dev.cid), encode(header, broken))
+    dev.transport.run_until(lambda: False)
+    assert len(dev.updates) == sent and dev.agent.failed == 1  # no answer, no crash
+    assert all(np.array_equal(kept[k], v, equal_nan=True) for k, v in dev.client.state.items())  # rolled back
+    del dev.client.fit
+    assert decode(dev.task(2))[0].round == 2  # and it answers the next task
