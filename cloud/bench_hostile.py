@@ -705,12 +705,16 @@ class Forger:
 
 
 def _finite_json(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite_json(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite_json(v) for v in value)
+    """No NaN/Inf anywhere (pydantic would write them as null); iterative: forged info nests 400 deep."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return True
 
 
@@ -882,6 +886,7 @@ class RunReport:
     freezes: int = 0
     late: int = 0  # hostile messages sent after the coordinator said it finished (not counted)
     bursts: list[dict[str, Any]] = field(default_factory=list)  # per phase: messages, seconds, agents paused
+    build_errors: list[str] = field(default_factory=list)
 
 
 def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] | None,
@@ -975,7 +980,12 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
                 for plan in burst:
                     if finished:
                         rep.late += 1
-                    built = _build(forger, plan, tasked, sample_frame)
+                    try:
+                        built = build_message(forger, plan, tasked, sample_frame)
+                    except Exception as e:  # a bug of the forger must not end the soak: counted, shown
+                        rep.sent["unbuildable"] += 1
+                        rep.build_errors.append(f"{type(e).__name__}: {e}"[:200])
+                        continue
                     listener.send(built, forger)
                     rep.sent[plan["cat"]] += 1
                     rep.reaching += built.reaches and not finished
@@ -995,8 +1005,14 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
     finally:
         freezer.thaw()
         if child.poll() is None:
+            freezer.find()  # the agents' workers die with their parent only when it exits cleanly
             child.kill()
             child.wait()
+            for pid in freezer.pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         listener.close()
         broker.stop()
         if progress is not None and task_bar is not None:
@@ -1023,7 +1039,7 @@ def _learn(t: Templates, cid: int, header: Any, arrays: dict[str, np.ndarray]) -
         t.dtypes = {k: str(v.dtype) for k, v in arrays.items()}
 
 
-def _build(forger: Forger, plan: dict[str, Any], tasked: dict[int, TaskSeen], sample_frame: bytes) -> Built:
+def build_message(forger: Forger, plan: dict[str, Any], tasked: dict[int, TaskSeen], sample_frame: bytes) -> Built:
     if plan["cat"] == "update":
         return forger.update(plan, tasked)
     if plan["cat"] == "presence":
@@ -1113,7 +1129,7 @@ def _run_summary(rep: RunReport) -> dict[str, Any]:
         "returncode": rep.returncode, "crashed": rep.crashed, "timed_out": rep.timed_out,
         "tracebacks": rep.tracebacks, "peak_rss_mb": round(rep.peak_rss_mb, 1), "seconds": round(rep.seconds, 1),
         "final_acc": final.get("test_before_acc"), "rounds": len((rep.result or {}).get("records", [])),
-        "freezes": rep.freezes, "late_messages": rep.late, "bursts": rep.bursts,
+        "freezes": rep.freezes, "late_messages": rep.late, "bursts": rep.bursts, "build_errors": rep.build_errors[:5],
         "log_tail": rep.log_tail if rep.crashed else "",
     }
 

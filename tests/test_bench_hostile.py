@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("paho.mqtt")
 pytest.importorskip("hypothesis")
 
-from cloud.bench_hostile import Forger, TaskSeen, Templates, generate_plans, passed, run_bench
+from cloud.bench_hostile import Forger, TaskSeen, Templates, build_message, generate_plans, passed, run_bench
 from protocols.broker import mosquitto_path
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
@@ -38,6 +38,61 @@ def test_plans_are_reproducible_and_every_forgery_is_near_valid() -> None:
     assert np.allclose(arrays["w"], 1.0042)  # the marker: an aggregated forgery would move the model
 
 
+def test_every_forgery_is_refused_by_the_coordinator_and_valid_without_its_invalid_mutations() -> None:
+    """Offline, against the real Coordinator's checks (memory transport, an open fit or evaluate round): every
+    plan that reaches a handler is rejected and counted; the same update plans with their invalid mutations
+    left out pass every check (so each forgery is near-valid: refused for what was mutated)."""
+    import logging
+
+    from cloud.config import resolve
+    from cloud.coordinator import Coordinator, RoundSettings
+    from cloud.simulate import FLEET, prepare
+    from protocols.memory import MemoryTransport
+
+    logging.getLogger("fedcmd.cloud").setLevel(logging.ERROR)  # one warning per reject
+    p = prepare(resolve({}, {"algo": "fedavg", "dataset": "digits", "client_num": 5, "global_epoch": 4, "seed": 1}))
+    co = Coordinator(MemoryTransport(), p.server, FLEET,
+                     RoundSettings(num_clients=5, global_epoch=4, join_ratio=0.6, seed=1, local_epoch=1,
+                                   track_presence=True))
+    co.online = set(range(5))
+    p.server.begin_round(1, [0, 2, 3])
+
+    def open_round(kind: str) -> dict[int, TaskSeen]:
+        cids = range(5) if kind == "evaluate" else (0, 2, 3)
+        co.current_round, co.asked, co.inbox = 1, {}, {}
+        for c in cids:
+            co.asked[c] = p.server.task_for(1, c, kind)  # type: ignore[arg-type]
+        return {c: TaskSeen(1, kind, co.run_id, co.asked[c].arrays) for c in cids}
+
+    arrays = open_round("fit")[0].arrays
+    metrics = {"test_before_correct": 30.0, "test_before_loss": 70.0, "test_before_count": 36.0}
+    templates = Templates(keys=sorted(arrays), dtypes={k: str(v.dtype) for k, v in arrays.items()},
+                          metrics={"fit": {**metrics, "fit_seconds": 0.2}, "evaluate": metrics},
+                          num_samples=dict.fromkeys(range(5), 280))
+    forger = Forger(5, templates, seed=0)
+    plans = generate_plans(400, 80, seed=5)
+    reached = accepted = 0
+    for i, plan in enumerate(plans):
+        built = build_message(forger, plan, open_round("evaluate" if i % 5 == 0 else "fit"), b"x" * 100)
+        reached += built.reaches
+        handler = co._on_update if built.topic.endswith("/update") else co._on_presence
+        if built.reaches:
+            handler(built.topic, built.payload)
+        accepted += bool(co.inbox) or co.online != set(range(5))
+    assert reached > 400 and accepted == 0
+    assert sum(co.rejected.values()) == reached
+    assert {"bad_tensors", "bad_metrics", "bad_info", "bad_count", "malformed", "wrong_run"} <= set(co.rejected)
+    valid = 0
+    updates = [pl for pl in plans if pl["cat"] == "update"]
+    for i, plan in enumerate(updates):
+        built = forger.update({**plan, "invalid": []}, open_round("evaluate" if i % 5 == 0 else "fit"))
+        co._on_update(built.topic, built.payload)
+        valid += bool(co.inbox)
+    # free variations may be invalid on their own (sign-flipped BN variances, 1e30 in fp16): most are not
+    assert valid > 0.8 * len(updates), (valid, len(updates))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_smoke_no_crash_no_forgery_aggregated(tmp_path) -> None:
     rep = run_bench(messages=300, junk=60, clients=3, rounds=2, seed=2, workers=1, timeout=400, keep=tmp_path)
