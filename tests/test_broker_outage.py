@@ -159,7 +159,7 @@ def test_subscribe_during_an_outage_takes_effect_when_the_broker_is_back(
 
 
 # --------------------------------------------------------------------------------- a whole run
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", ["stop", "crash"])
 def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosquitto_broker: Broker, how: str) -> None:
     """FedAvg, 4 rounds, agents in threads each with its own connection. The broker goes down twice for
@@ -228,7 +228,9 @@ def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosqui
             thread.start()
             threads.append(thread)
         coordinator = MqttTransport(url, f"{FLEET}-coordinator", publish_timeout=PUBLISH_TIMEOUT)
-        result = run_coordinator(p, coordinator, on_round=on_round, registration_timeout=120)
+        # a round deadline far beyond an outage's few seconds: a task lost for good fails the test (fewer
+        # answers, other metrics) in bounded time instead of hanging it
+        result = run_coordinator(p, coordinator, on_round=on_round, registration_timeout=120, deadline=60.0)
     finally:
         stop.set()
         for timer in restarts:
@@ -238,6 +240,7 @@ def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosqui
     assert [r for r, _ in outages] == [2, 3]
     assert coordinator.reconnects == 2, coordinator.reconnects
     assert len(result.records) == 4
+    assert [r.answered for r in result.records] == [r.answered for r in memory.records]
     assert [r.clients for r in result.records] == [r.clients for r in memory.records]
     for a, b in zip(memory.records, result.records):
         for key in ("test_before_acc", "test_after_acc"):
