@@ -724,11 +724,28 @@ def child_main() -> None:
     import logging
     import resource
 
+    import cloud.simulate as simulate
     from cloud import fleet_sim
     from cloud.config import resolve
+    from cloud.coordinator import Coordinator
     from cloud.simulate import prepare
 
     values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    accepted: list[list[Any]] = []
+
+    class ProbedCoordinator(Coordinator):
+        """The real coordinator; the probe only notes which payloads it accepted (SHA-256), so the bench can
+        tell a forgery that got in from a real update that was lost."""
+
+        def _accept(self, topic: str, payload: bytes) -> None:
+            before = len(self.inbox)
+            super()._accept(topic, payload)
+            if len(self.inbox) > before:
+                accepted.append([self.current_round, topic, hashlib.sha256(payload).hexdigest()])
+
+    probed = hasattr(Coordinator, "_accept")
+    if probed:
+        simulate.Coordinator = ProbedCoordinator  # type: ignore[misc]  # run_coordinator builds this name
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedcmd.cloud").setLevel(logging.INFO)  # round by round, with times
@@ -747,6 +764,7 @@ def child_main() -> None:
         "final": result.final,
         "rejected": dict(result.rejected),
         "model_sha256": digest.hexdigest(),
+        "accepted": accepted if probed else None,
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
     out.write_text(json.dumps(doc))
@@ -777,6 +795,8 @@ class Listener:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._reasm = Reassembler(timeout_s=30.0)
         self._inflight: list[Any] = []
+        self.digests: set[str] = set()  # SHA-256 of every forgery that reaches a handler whole
+        self.finished = False  # the coordinator's retained status said "finished"
         self.bytes_sent = 0
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -805,7 +825,9 @@ class Listener:
         leaf = topic.rsplit("/", 1)[-1]
         try:
             if leaf == "status":
-                self.events.put(("status", json.loads(frame)))
+                doc = json.loads(frame)
+                self.finished = self.finished or doc.get("state") == "finished"
+                self.events.put(("status", doc))
             elif leaf == "presence":
                 doc = json.loads(frame)
                 self.events.put(("presence", (int(topic.split("/")[-2]), doc.get("state"))))
@@ -816,6 +838,8 @@ class Listener:
             return
 
     def send(self, built: Built, forger: Forger) -> None:
+        if built.reaches:
+            self.digests.add(hashlib.sha256(built.payload).hexdigest())
         chunks = built.chunks if built.chunks is not None else forger.chunks(built.payload)
         for chunk in chunks:
             self._inflight.append(self.client.publish(built.topic, chunk, qos=1))
@@ -887,6 +911,7 @@ class RunReport:
     late: int = 0  # hostile messages sent after the coordinator said it finished (not counted)
     bursts: list[dict[str, Any]] = field(default_factory=list)  # per phase: messages, seconds, agents paused
     build_errors: list[str] = field(default_factory=list)
+    digests: set[str] = field(default_factory=set)
 
 
 def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] | None,
@@ -978,6 +1003,7 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
                 burst_start = time.monotonic()
                 paused_throughout = freezer.frozen_at is not None
                 for plan in burst:
+                    finished = finished or listener.finished
                     if finished:
                         rep.late += 1
                     try:
@@ -1014,6 +1040,7 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
                 except ProcessLookupError:
                     pass
         listener.close()
+        rep.digests = listener.digests
         broker.stop()
         if progress is not None and task_bar is not None:
             progress.remove_task(task_bar)
@@ -1090,8 +1117,15 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
     host_rej = Counter((hostile.result or {}).get("rejected", {}))
     counted = sum(host_rej.values()) - sum(clean_rej.values())
     same = _comparable(clean.result) is not None and _comparable(clean.result) == _comparable(hostile.result)
-    unaccounted = max(0, hostile.reaching - counted)
     diff_rounds = _differing_rounds(clean.result, hostile.result)
+    # Exact: the probe's SHA-256 of every payload the coordinator accepted against the forgeries sent
+    accepted = (hostile.result or {}).get("accepted")
+    forged_in = None if accepted is None else [a for a in accepted if a[2] in hostile.digests]
+    real_accepted = None if accepted is None else len(accepted) - len(forged_in or [])
+    # Rejects beyond the forgeries are real updates that came too late (the round had closed without them)
+    unaccounted = max(0, hostile.reaching - counted) if forged_in is None else max(
+        0, hostile.reaching - len(forged_in) - counted)
+    lost = _lost_answers(clean.result, hostile.result)
     return {
         "settings": {**values, "messages": messages, "junk": junk},
         "plans_seconds": plans_box.get("seconds"),
@@ -1107,9 +1141,26 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
         "unaccounted": unaccounted,
         "metrics_equal_clean": same,
         "differing_rounds": diff_rounds,
-        # An aggregated forgery moves the model (forged floats carry MARKER): equal runs mean none got in.
-        "hostile_aggregated": 0 if same and unaccounted == 0 else max(unaccounted, len(diff_rounds), 1),
+        "real_answers_lost": lost,
+        "real_updates_accepted": real_accepted,
+        "late_messages": hostile.late,
+        # Forgeries the coordinator accepted (fit ones are aggregated, evaluate ones pooled into the metrics).
+        # Without the probe: equal runs prove none got in (forged floats carry MARKER), else unknown.
+        "hostile_aggregated": len(forged_in) if forged_in is not None else (0 if same else None),
+        "hostile_accepted_where": (forged_in or [])[:10],
     }
+
+
+def _lost_answers(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[int, list[int]]:
+    """Per round: devices whose answer the clean run aggregated and the hostile run did not."""
+    if a is None or b is None:
+        return {}
+    out = {}
+    for ra, rb in zip(a["records"], b["records"]):
+        missing = sorted(set(ra["answered"]) - set(rb["answered"]))
+        if missing:
+            out[ra["round"] + 1] = missing
+    return out
 
 
 def _differing_rounds(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[int]:
@@ -1161,7 +1212,15 @@ def render(rep: dict[str, Any], console: Console) -> None:
                       f"in {b['seconds']:.1f} s, {paused}")
     mark = "[green]yes[/]" if rep["metrics_equal_clean"] else "[red]NO[/]"
     console.print(f"  coordinator crashes: {rep['crashes']}")
-    console.print(f"  hostile updates that reached an aggregate: {rep['hostile_aggregated']}")
+    agg = rep["hostile_aggregated"]
+    console.print(f"  hostile updates that reached an aggregate: {'unknown' if agg is None else agg}"
+                  + (f" (where: {rep['hostile_accepted_where']})" if agg else ""))
+    if rep["real_answers_lost"]:
+        console.print(f"  real answers the clean run aggregated and the hostile run did not (round: devices): "
+                      f"{rep['real_answers_lost']}")
+    if rep["late_messages"]:
+        console.print(f"  hostile messages sent after the coordinator had finished (not counted): "
+                      f"{rep['late_messages']}")
     console.print(f"  per-round metrics, answers and final model equal to the clean run's: {mark}"
                   + (f" (rounds differing: {rep['differing_rounds']})" if rep["differing_rounds"] else ""))
     for name in ("clean", "hostile"):
@@ -1171,7 +1230,8 @@ def render(rep: dict[str, Any], console: Console) -> None:
 
 def passed(rep: dict[str, Any]) -> bool:
     return (rep["crashes"] == 0 and rep["hostile_aggregated"] == 0 and rep["metrics_equal_clean"]
-            and rep["structured_sent"] >= rep["settings"]["messages"])
+            and rep["unaccounted"] == 0
+            and rep["structured_sent"] - rep["late_messages"] >= rep["settings"]["messages"])
 
 
 @bench_app.command("hostile")
