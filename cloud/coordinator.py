@@ -63,6 +63,12 @@ class RoundSettings:
     # Update-norm clipping: an update (trained - sent) longer than clip_factor x the median norm of the
     # round (and of recent rounds) is scaled down to that length; 0 turns clipping off.
     clip_factor: float = 3.0
+    # An "offline" presence ends the wait for a device only after this grace: a broker that shuts down
+    # normally sends every device's last will, and the devices are back seconds later.
+    offline_grace: float = 5.0
+    # After a broker outage, the next round waits (at most this long) for the devices that were online
+    # before it to announce themselves again, so the outage does not change who can be sampled.
+    rejoin_wait: float = 30.0
 
 
 @dataclass
@@ -124,6 +130,10 @@ class Coordinator:
         self.norm_history: dict[str, list[float]] = {}  # recent update norms per group: the clipping median
         self.online: set[int] = set()
         self.health: dict[int, tuple[str, str]] = {}  # device -> (unhealthy | incompatible, its reason)
+        self.offline_since: dict[int, float] = {}  # device -> when its offline presence (or will) arrived
+        self._last_population: set[int] = set()
+        self._sampled_at_reconnects = transport.reconnects
+        self._sent_at_reconnects = transport.reconnects
         self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
         self.inbox: dict[int, Update] = {}
         self.asked: dict[int, Task] = {}  # the open round's task per device: what its answer is checked against
@@ -202,13 +212,24 @@ class Coordinator:
     def _apply_presence(self, cid: int, presence: dict[str, Any]) -> None:
         state = presence["state"]
         if state == "online":
-            if cid not in self.online:
+            back = cid not in self.online
+            if back:
                 log.info("device %d online (profile %s)", cid, presence.get("profile", "not given"))
             self.online.add(cid)
             self.health.pop(cid, None)
+            self.offline_since.pop(cid, None)
             if "profile" in presence:
                 self.profiles[cid] = presence["profile"]
+            # A device announces itself on every (re)connect, after it re-subscribed: if it owes the open round
+            # an answer and was offline, or the broker went away since its task was sent, the task may be lost,
+            # so it goes again (a repeat is answered from the device's cache, never trained twice).
+            lost = back or self.transport.reconnects != self._sent_at_reconnects
+            owes = cid in self.asked and cid in self._frames and cid not in self.inbox and cid not in self.failed
+            if lost and owes:
+                self.transport.publish(task_topic(self.fleet, cid), self._frames[cid])
             return
+        if cid in self.online:
+            self.offline_since[cid] = time.monotonic()
         self.online.discard(cid)
         if state in ("unhealthy", "incompatible"):
             reason = presence.get("reason", "no reason given")
@@ -273,6 +294,8 @@ class Coordinator:
         answered: list[int] = []
         groups = [[c] for c in cids] if sequential else [list(cids)]
         for group in groups:
+            seen = self.transport.reconnects  # before sending: a reconnect while sending counts too
+            self._sent_at_reconnects = seen
             for cid in group:
                 task = self.strategy.task_for(rnd, cid, "fit" if kind == "fit" else "evaluate")
                 if kind == "fit":
@@ -280,7 +303,7 @@ class Coordinator:
                     if self.s.update_codec != "none":
                         task.config["update_codec"] = self.s.update_codec
                 down += self._send(rnd, cid, task)
-            self._wait(rnd, group)
+            self._wait(rnd, group, seen)
             if kind == "fit":
                 self._clip(rnd, [c for c in group if c in self.inbox])
             for cid in group:
@@ -300,15 +323,21 @@ class Coordinator:
         self.asked = {}  # late answers are rejected from now on
         return answered, down
 
-    def _wait(self, rnd: int, group: list[int]) -> None:
+    def _gone(self, cid: int) -> bool:
+        """Known not to answer: unhealthy, incompatible, or offline for longer than the grace."""
+        if cid in self.online:
+            return False
+        since = self.offline_since.get(cid)
+        return cid in self.health or since is None or time.monotonic() - since >= self.s.offline_grace
+
+    def _wait(self, rnd: int, group: list[int], seen: int) -> None:
         """Until the group answered, every device still outstanding is known to be gone, or the deadline;
         after a broker outage the unanswered tasks go out again (a device resends a task it already did)."""
 
         def settled() -> bool:
             outstanding = [c for c in group if c not in self.inbox and c not in self.failed]
-            return not outstanding or (self.s.track_presence and not any(c in self.online for c in outstanding))
+            return not outstanding or (self.s.track_presence and all(self._gone(c) for c in outstanding))
 
-        seen = self.transport.reconnects
         while True:
             self.transport.run_until(lambda s=seen: settled() or self.transport.reconnects != s, self.s.deadline)
             if settled() or self.transport.reconnects == seen:
@@ -378,8 +407,20 @@ class Coordinator:
         self.strategy.pending = dict(pending)
 
     # ------------------------------------------------------------------------------------- the loop
+    def _rejoin_after_outage(self) -> None:
+        """After a broker outage, give the devices that were online before it time to announce themselves."""
+        if not self.s.track_presence or self.transport.reconnects == self._sampled_at_reconnects:
+            return
+        missing = self._last_population - self.online
+        if missing:
+            log.info("the broker was away: waiting up to %.0f s for %d devices to come back", self.s.rejoin_wait,
+                     len(missing))
+            self.transport.run_until(lambda: self._last_population <= self.online, self.s.rejoin_wait)
+
     def run_round(self, rnd: int) -> RoundRecord:
         start = time.perf_counter()
+        self._rejoin_after_outage()
+        self._last_population, self._sampled_at_reconnects = set(self.population()), self.transport.reconnects
         cids = self.sample()
         self.strategy.begin_round(rnd, cids)
         aggregate_seconds = time.perf_counter() - start
@@ -448,6 +489,8 @@ class Coordinator:
             "incompatible": sum(1 for s, _ in self.health.values() if s == "incompatible"),
             "rejected": dict(self.rejected),
             "clipped": self.clipped,
+            # what the transport itself refused or dropped (chunk floods, junk frames), by kind
+            "transport_dropped": dict(getattr(self.transport, "dropped", {}) or {}),
             "run": self.run_info,
         }
         if record is not None:

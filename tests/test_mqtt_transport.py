@@ -285,7 +285,7 @@ def test_broker_restart_reconnects_and_resubscribes(mosquitto_broker: Broker, tr
 def test_publish_fails_clearly_when_the_broker_is_gone(
     mosquitto_broker: Broker, transports: list[MqttTransport]
 ) -> None:
-    t = _open(transports, mosquitto_broker.url, "lonely", publish_timeout=1.0)
+    t = _open(transports, mosquitto_broker.url, "lonely", publish_timeout=1.0, max_outage=1.0)
     mosquitto_broker.stop()
     with pytest.raises(TransportError, match="no acknowledgement"):
         t.publish("x/y", b"hello")

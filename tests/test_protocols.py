@@ -240,10 +240,13 @@ def test_oversize_messages_are_rejected() -> None:
         r.feed("t", split(os.urandom(10_001), 4096)[0])
     assert e.value.kind == "oversize"
     assert r.feed("t", split(os.urandom(10_000), 20_000)[0]) is not None
-    # several incomplete streams may not pin more than max_pending_bytes between them
+    # several incomplete streams may not pin more than max_pending_bytes between them: the oldest makes room
     r = Reassembler(max_message_bytes=10_000, max_pending_bytes=8_000)
     r.feed("t", split(os.urandom(10_000), 9_000)[0])
-    with pytest.raises(ChunkError) as e:
+    assert r.feed("u", split(os.urandom(10_000), 9_000)[0]) is None  # t's older stream made room
+    assert r.dropped["global_bytes"] == 1 and r.pending == 1
+    r = Reassembler(max_message_bytes=10_000, max_pending_bytes=4_000)
+    with pytest.raises(ChunkError) as e:  # one chunk larger than everything allowed
         r.feed("u", split(os.urandom(10_000), 9_000)[0])
     assert e.value.kind == "pending_limit"
 
@@ -347,9 +350,14 @@ def test_topics_and_client_parsing() -> None:
 
 
 def test_presence_payloads() -> None:
-    doc = parse_presence(presence_payload(4, "online", host="pi"))
-    assert doc == {"state": "online", "client": 4, "host": "pi"}
+    doc = parse_presence(presence_payload(4, "online", profile="rpi4"))
+    assert doc == {"state": "online", "client": 4, "profile": "rpi4"}
     assert json.loads(presence_payload(4, "offline")) == {"state": "offline", "client": 4}
-    for bad in [b"", b"[]", b'{"state":"away","client":1}', b'{"state":"online","client":"1"}', b"\xff"]:
+    assert parse_presence(presence_payload(4, "unhealthy", reason="disk full"))["reason"] == "disk full"
+    with pytest.raises(ValueError):
+        presence_payload(4, "online", host="pi")  # a bounded schema: no other fields
+    for bad in [b"", b"[]", b'{"state":"away","client":1}', b'{"state":"online","client":"1"}', b"\xff",
+                b'{"state":"online","client":1,"host":"pi"}', b'{"state":"online","client":1,"profile":"' +
+                b"x" * 33 + b'"}', b'{"state":"online","client":1,"profile":"a b"}']:
         with pytest.raises(ValueError):
             parse_presence(bad)
