@@ -732,10 +732,28 @@ def child_main() -> None:
 
     values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     accepted: list[list[Any]] = []
+    handled: Counter[str] = Counter()
+    kept: Counter[str] = Counter()
 
     class ProbedCoordinator(Coordinator):
-        """The real coordinator; the probe only notes which payloads it accepted (SHA-256), so the bench can
-        tell a forgery that got in from a real update that was lost."""
+        """The real coordinator; the probe only notes the SHA-256 of every payload its handlers got and of those
+        it accepted, so the bench can tell a forgery that got in from a real update that was lost."""
+
+        def _note(self, payload: bytes, rejects_before: int) -> None:
+            digest = hashlib.sha256(payload).hexdigest()
+            handled[digest] += 1
+            if sum(self.rejected.values()) == rejects_before:
+                kept[digest] += 1  # accepted (an update), applied (a presence), or dropped without a count
+
+        def _on_update(self, topic: str, payload: bytes) -> None:
+            before = sum(self.rejected.values())
+            super()._on_update(topic, payload)
+            self._note(payload, before)
+
+        def _on_presence(self, topic: str, payload: bytes) -> None:
+            before = sum(self.rejected.values())
+            super()._on_presence(topic, payload)
+            self._note(payload, before)
 
         def _accept(self, topic: str, payload: bytes) -> None:
             before = len(self.inbox)
@@ -743,7 +761,7 @@ def child_main() -> None:
             if len(self.inbox) > before:
                 accepted.append([self.current_round, topic, hashlib.sha256(payload).hexdigest()])
 
-    probed = hasattr(Coordinator, "_accept")
+    probed = all(hasattr(Coordinator, m) for m in ("_accept", "_on_update", "_on_presence"))
     if probed:
         simulate.Coordinator = ProbedCoordinator  # type: ignore[misc]  # run_coordinator builds this name
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -765,6 +783,8 @@ def child_main() -> None:
         "rejected": dict(result.rejected),
         "model_sha256": digest.hexdigest(),
         "accepted": accepted if probed else None,
+        "handled": dict(handled) if probed else None,
+        "kept": dict(kept) if probed else None,
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
     out.write_text(json.dumps(doc))
@@ -795,7 +815,7 @@ class Listener:
         self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._reasm = Reassembler(timeout_s=30.0)
         self._inflight: list[Any] = []
-        self.digests: set[str] = set()  # SHA-256 of every forgery that reaches a handler whole
+        self.digests: Counter[str] = Counter()  # SHA-256 of every forgery that reaches a handler whole
         self.finished = False  # the coordinator's retained status said "finished"
         self.bytes_sent = 0
         from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -839,7 +859,7 @@ class Listener:
 
     def send(self, built: Built, forger: Forger) -> None:
         if built.reaches:
-            self.digests.add(hashlib.sha256(built.payload).hexdigest())
+            self.digests[hashlib.sha256(built.payload).hexdigest()] += 1
         chunks = built.chunks if built.chunks is not None else forger.chunks(built.payload)
         for chunk in chunks:
             self._inflight.append(self.client.publish(built.topic, chunk, qos=1))
@@ -911,7 +931,7 @@ class RunReport:
     late: int = 0  # hostile messages sent after the coordinator said it finished (not counted)
     bursts: list[dict[str, Any]] = field(default_factory=list)  # per phase: messages, seconds, agents paused
     build_errors: list[str] = field(default_factory=list)
-    digests: set[str] = field(default_factory=set)
+    digests: Counter[str] = field(default_factory=Counter)
 
 
 def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] | None,
@@ -1118,13 +1138,20 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
     counted = sum(host_rej.values()) - sum(clean_rej.values())
     same = _comparable(clean.result) is not None and _comparable(clean.result) == _comparable(hostile.result)
     diff_rounds = _differing_rounds(clean.result, hostile.result)
-    # Exact: the probe's SHA-256 of every payload the coordinator accepted against the forgeries sent
+    # Exact, from the probe's SHA-256 of every payload the coordinator's handlers got and accepted: each handled
+    # message is accepted or counted as a reject; forgeries and real messages are told apart by digest.
     accepted = (hostile.result or {}).get("accepted")
+    handled = Counter((hostile.result or {}).get("handled") or {})
+    kept = Counter((hostile.result or {}).get("kept") or {})
     forged_in = None if accepted is None else [a for a in accepted if a[2] in hostile.digests]
     real_accepted = None if accepted is None else len(accepted) - len(forged_in or [])
-    # Rejects beyond the forgeries are real updates that came too late (the round had closed without them)
-    unaccounted = max(0, hostile.reaching - counted) if forged_in is None else max(
-        0, hostile.reaching - len(forged_in) - counted)
+    forged_handled = sum(n for d, n in handled.items() if d in hostile.digests)
+    forged_kept = sum(n for d, n in kept.items() if d in hostile.digests)
+    if accepted is None:
+        unaccounted, unprocessed = max(0, hostile.reaching - counted), 0
+    else:  # forgeries handled without a reject that are not accepted updates: applied presences or silent drops
+        unaccounted = forged_kept - len(forged_in or [])
+        unprocessed = max(0, hostile.reaching - forged_handled)  # still queued when the coordinator finished
     lost = _lost_answers(clean.result, hostile.result)
     return {
         "settings": {**values, "messages": messages, "junk": junk},
@@ -1144,6 +1171,8 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
         "real_answers_lost": lost,
         "real_updates_accepted": real_accepted,
         "late_messages": hostile.late,
+        "forgeries_handled": forged_handled,
+        "forgeries_unprocessed": unprocessed,
         # Forgeries the coordinator accepted (fit ones are aggregated, evaluate ones pooled into the metrics).
         # Without the probe: equal runs prove none got in (forged floats carry MARKER), else unknown.
         "hostile_aggregated": len(forged_in) if forged_in is not None else (0 if same else None),
@@ -1193,8 +1222,10 @@ def render(rep: dict[str, Any], console: Console) -> None:
     console.print(f"  hostile messages sent: {sum(sent.values())} ({sent.get('update', 0)} forged updates, "
                   f"{sent.get('presence', 0)} forged presences, {sent.get('junk', 0)} junk); "
                   f"{rep['structured_sent']} structured (hypothesis plans drawn in {rep['plans_seconds']:.1f} s)")
-    console.print(f"  reaching a coordinator handler: {rep['reaching_coordinator']}; rejects counted by the "
-                  f"coordinator: {rep['coordinator_rejects']}; unaccounted (accepted or lost): {rep['unaccounted']}")
+    console.print(f"  sent whole to a coordinator handler: {rep['reaching_coordinator']}, handled there: "
+                  f"{rep['forgeries_handled']} (still queued when it finished: {rep['forgeries_unprocessed']}); "
+                  f"rejects counted: {rep['coordinator_rejects']}; handled but neither accepted nor counted: "
+                  f"{rep['unaccounted']}")
     table = Table(title="coordinator rejects by reason (hostile run)")
     table.add_column("reason")
     table.add_column("count", justify="right")
