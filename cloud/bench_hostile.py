@@ -304,10 +304,12 @@ def _envelope(meta: dict[str, Any] | bytes) -> bytes:
 class Forger:
     """Turns plans into MQTT messages against the live state: the open phase's tasks and the fleet."""
 
-    def __init__(self, num_clients: int, templates: Templates, seed: int) -> None:
+    def __init__(self, num_clients: int, templates: Templates, seed: int, rounds: int = 1_000_000) -> None:
         self.n = num_clients
         self.t = templates
         self.rng = random.Random(seed)
+        self.rounds = rounds  # rounds of the run: a forged round never names one still to come
+        self.full_view = True  # every task of the open phase was seen (else "untasked" could name a tasked one)
 
     def _id(self) -> str:
         return f"{self.rng.getrandbits(64):016x}"
@@ -357,8 +359,10 @@ class Forger:
             elif name == "fleet":
                 h["fleet"] = args[0] if args[0] != FLEET else FLEET + "x"
             elif name == "round":
+                # Never the open round nor one to come: the coordinator may have moved on by the time it reads it
                 how, v = args[0]
-                h["round"] = task.round + v if how == "rel" else (v if v != task.round else v + 1)
+                r = task.round + v if how == "rel" else v
+                h["round"] = r if r < task.round or r > self.rounds else -1 - abs(r - task.round)
             elif name == "client":
                 h["client"] = args[0] if str(args[0]) != str(topic_id) else args[0] + 1
             elif name == "topic":
@@ -366,11 +370,12 @@ class Forger:
                 if isinstance(topic_id, int):
                     h["client"] = topic_id
             elif name == "untasked":
-                free_ids = [c for c in range(self.n) if c not in tasked]
+                free_ids = [c for c in range(self.n) if c not in tasked] if self.full_view else []
                 topic_id = free_ids[args[0] % len(free_ids)] if free_ids else self.n + args[0]
                 h["client"] = topic_id
             elif name == "kind":
-                other = "evaluate" if kind == "fit" else "fit"
+                # the final evaluation reuses the last fit round's number: "evaluate" then could become valid
+                other = "fit" if kind == "evaluate" else ("evaluate" if task.round < self.rounds - 1 else "Fit")
                 h["kind"] = other if args[0] == "other" else (args[0] if args[0] != kind else kind + "x")
             elif name == "run":
                 h["run"] = self._run(task.run, args[0])
@@ -955,7 +960,8 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
     finally:
         os.close(log_fd)  # the child holds its own copy
     freezer = Freezer(child.pid)
-    forger = Forger(values["client_num"], templates, seed)
+    forger = Forger(values["client_num"], templates, seed, rounds=values["global_epoch"])
+    per_round = max(1, int(values["client_num"] * values["join_ratio"]))  # Coordinator.sample()
     rep = RunReport(None, False, False, 0, "", None, 0.0, 0.0)
     task_bar = progress.add_task("hostile run" if plans is not None else "clean run",
                                  total=len(plans) if plans else None) if progress is not None else None
@@ -1015,7 +1021,11 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
             elif kind == "status" and ev.get("state") == "finished":
                 finished = True
                 freezer.thaw()
-            if (plans is not None and not burst_done and tasked and time.monotonic() - last_task > 0.3):
+            want = values["client_num"] if phase is not None and phase[1] == "evaluate" else per_round
+            quiet = time.monotonic() - last_task
+            if plans is not None and not burst_done and tasked and ((len(tasked) >= want and quiet > 0.2)
+                                                                     or quiet > 5.0):
+                forger.full_view = len(tasked) >= want
                 remaining_phases = max(1, phases - phases_seen + 1)
                 share = -(-(len(plans) - cursor) // remaining_phases)
                 burst = plans[cursor: cursor + share]
