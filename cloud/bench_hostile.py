@@ -736,6 +736,7 @@ def child_main() -> None:
     from cloud.simulate import prepare
 
     values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    no_settle = sys.argv[3:] == ["no-settle"]
     accepted: list[list[Any]] = []
     handled: Counter[str] = Counter()
     kept: Counter[str] = Counter()
@@ -754,6 +755,8 @@ def child_main() -> None:
             before = sum(self.rejected.values())
             super()._on_update(topic, payload)
             self._note(payload, before)
+            if no_settle:  # what-if: a rejected answer does not settle its device (the bench's devices are honest)
+                getattr(self, "failed", set()).clear()
 
         def _on_presence(self, topic: str, payload: bytes) -> None:
             before = sum(self.rejected.values())
@@ -941,7 +944,7 @@ class RunReport:
 
 def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] | None,
              templates: Templates, seed: int, phases: int, timeout: float,
-             progress: Progress | None = None) -> RunReport:
+             progress: Progress | None = None, settle: bool = True) -> RunReport:
     """One run on a fresh private mosquitto: clean (``plans`` None: the listener only learns the real updates'
     shape into ``templates``) or hostile (the plans are sent in bursts, one per phase)."""
     from protocols.broker import start_broker
@@ -953,7 +956,7 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
     result_path = workdir / "result.json"
     log_path = workdir / "coordinator.log"
     cmd = [sys.executable, "-c", "from cloud.bench_hostile import child_main; child_main()",
-           json.dumps({**values, "broker": broker.url}), str(result_path)]
+           json.dumps({**values, "broker": broker.url}), str(result_path), *([] if settle else ["no-settle"])]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         child = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -1119,7 +1122,8 @@ def _comparable(result: dict[str, Any] | None) -> str | None:
 
 def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, rounds: int = 4, algo: str = "fedavg",
               seed: int = 1, dataset: str = "digits", join_ratio: float = 0.6, workers: int = 2,
-              timeout: float = 900.0, progress: Progress | None = None, keep: Path | None = None) -> dict[str, Any]:
+              timeout: float = 900.0, progress: Progress | None = None, keep: Path | None = None,
+              settle: bool = True) -> dict[str, Any]:
     """Clean run, then hostile run, same settings; the report ``fedcmd bench hostile`` prints."""
     values = {
         "algo": algo, "dataset": dataset, "client_num": clients, "join_ratio": join_ratio, "global_epoch": rounds,
@@ -1142,7 +1146,7 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
         clean = run_once(values, work / "clean", None, templates, seed, phases, timeout, progress)
         generator.join()
         plans: list[dict[str, Any]] = plans_box["plans"]
-        hostile = run_once(values, work / "hostile", plans, templates, seed, phases, timeout, progress)
+        hostile = run_once(values, work / "hostile", plans, templates, seed, phases, timeout, progress, settle)
     clean_rej = Counter((clean.result or {}).get("rejected", {}))
     host_rej = Counter((hostile.result or {}).get("rejected", {}))
     counted = sum(host_rej.values()) - sum(clean_rej.values())
@@ -1164,7 +1168,7 @@ def run_bench(messages: int = 10_000, junk: int = 2_000, clients: int = 5, round
         unprocessed = max(0, hostile.reaching - forged_handled)  # still queued when the coordinator finished
     lost = _lost_answers(clean.result, hostile.result)
     return {
-        "settings": {**values, "messages": messages, "junk": junk},
+        "settings": {**values, "messages": messages, "junk": junk, "settle_on_rejected_answer": settle},
         "plans_seconds": plans_box.get("seconds"),
         "crashes": int(clean.crashed) + int(hostile.crashed),
         "clean": _run_summary(clean),
@@ -1227,7 +1231,9 @@ def _run_summary(rep: RunReport) -> dict[str, Any]:
 def render(rep: dict[str, Any], console: Console) -> None:
     s = rep["settings"]
     console.print(f"[bold]fedcmd bench hostile[/]: {s['algo']} on {s['dataset']}, {s['client_num']} devices "
-                  f"(join ratio {s['join_ratio']}), {s['global_epoch']} rounds, seed {s['seed']}")
+                  f"(join ratio {s['join_ratio']}), {s['global_epoch']} rounds, seed {s['seed']}"
+                  + ("" if s["settle_on_rejected_answer"] else "; what-if: a rejected answer does not settle "
+                     "its device"))
     sent = rep["sent"]
     console.print(f"  hostile messages sent: {sum(sent.values())} ({sent.get('update', 0)} forged updates, "
                   f"{sent.get('presence', 0)} forged presences, {sent.get('junk', 0)} junk); "
@@ -1289,6 +1295,11 @@ def hostile(
     timeout: float = typer.Option(900.0, "--timeout", min=10, help="seconds before a run counts as hung"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     keep: Optional[Path] = typer.Option(None, "--keep", help="keep both runs' coordinator logs and results here"),
+    no_settle: bool = typer.Option(
+        False, "--what-if-no-settle",
+        help="what-if (changes the coordinator in the hostile run): a rejected answer on a device's topic does not "
+             "end the wait for that device, as behind per-device ACLs, where only the device can publish there",
+    ),
 ) -> None:
     """A real coordinator and agents over mosquitto while a hostile client sends near-valid forgeries and junk;
     exit 1 when the coordinator crashed, a forgery got in, or the run differs from the clean run."""
@@ -1305,7 +1316,7 @@ def hostile(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=_err, transient=True) as progress:
         rep = run_bench(messages, junk, clients, rounds, algo, seed, dataset, join_ratio, workers, timeout, progress,
-                        keep)
+                        keep, settle=not no_settle)
     if as_json:
         print(json.dumps(rep, indent=2, default=str))
     else:
