@@ -62,17 +62,28 @@ def status(
     key: Optional[Path] = typer.Option(None, "--key", help="client private key (TLS)"),
 ) -> None:
     """Print the coordinator's retained status."""
-    from protocols.mqtt import connect
+    from protocols.mqtt import AddressError, CredentialsError, connect
     from protocols.topics import status_topic
     from protocols.transport import TransportError
 
     try:
         transport = connect(broker, f"{fleet}-status-reader", username=username, password_file=password_file, ca=ca,
                             cert=cert, key=key, connect_timeout=timeout)
-    except TransportError as e:
+    except (CredentialsError, AddressError) as e:
         fail(str(e))
+    except TransportError as e:
+        fail(str(e), 3)  # the broker is not there (yet): retryable
     got: dict = {}
-    transport.subscribe(status_topic(fleet), lambda t, p: got.update(json.loads(p)))
+
+    def on_status(topic: str, payload: bytes) -> None:
+        try:
+            doc = json.loads(payload)
+        except (ValueError, RecursionError):
+            doc = None
+        if isinstance(doc, dict):  # anything else on the status topic is not a coordinator's
+            got.update(doc)
+
+    transport.subscribe(status_topic(fleet), on_status)
     transport.run_until(lambda: bool(got), timeout)
     transport.close()
     if not got:

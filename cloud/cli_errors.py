@@ -19,6 +19,7 @@ def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One error line and exit ``code``: 2 a configuration mistake, 3 retryable, 4 disk."""
     print_error(message)
-    raise typer.Exit(2)
+    raise typer.Exit(code)

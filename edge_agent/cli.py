@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedcmd_core.cli_exit import EXIT_CONFIG, EXIT_DISK  # stdlib only: fine on an inference-only install
+from fedcmd_core.cli_exit import EXIT_CONFIG, EXIT_DISK, EXIT_RETRY  # stdlib only: fine on an inference-only install
 
 app = typer.Typer(
     help="fedcmd edge agent: trains on this device's data when the coordinator asks.",
@@ -91,7 +91,7 @@ def run(
     from fedcmd_core.data import DataError, Partition, load_dataset
     from fedcmd_core.runspec import build_client
     from fedcmd_core.strategies import ClientData
-    from protocols.mqtt import connect
+    from protocols.mqtt import AddressError, CredentialsError, connect
     from protocols.topics import presence_payload, presence_topic, status_topic
     from protocols.transport import TransportError
 
@@ -117,8 +117,11 @@ def run(
             broker, f"{fleet}-agent-{client_id}", username=username, password_file=password_file, ca=ca, cert=cert,
             key=key, will=(presence_topic(fleet, client_id), offline, True),
         )
+    except (CredentialsError, AddressError) as e:
+        fail(escape(str(e)))  # 2: fix the command line or the files
+        return
     except TransportError as e:
-        fail(escape(str(e)))
+        fail(escape(str(e)), EXIT_RETRY)  # 3: the broker is not there (yet); a restart may work
         return
     status: dict = {}
 
@@ -135,7 +138,7 @@ def run(
     transport.subscribe(status_topic(fleet), on_status)
     if not transport.run_until(lambda: "run" in status and bool(status["run"]), wait):
         transport.close()
-        fail(f"no run description from a coordinator of fleet {fleet!r} on {broker} within {wait:.0f} s")
+        fail(f"no run description from a coordinator of fleet {fleet!r} on {broker} within {wait:.0f} s", EXIT_RETRY)
     data_bytes = tensor_bytes([ds.x, ds.y, local.x_train, local.y_train, local.x_test, local.y_test])
     profile_info = {"profile": profile.name} if profile is not None else {}
     try:

@@ -725,6 +725,11 @@ class CredentialsError(TransportError):
     not a broker that is down."""
 
 
+class AddressError(TransportError):
+    """A broker URL or connection setting that cannot work (scheme, port, ...): a setup mistake, not a
+    broker that is down."""
+
+
 def connect(
     url: str,
     client_id: str,
@@ -752,7 +757,7 @@ def connect(
     try:
         return MqttTransport(url, client_id, username=username, password=password, tls=tls, max_outage=max_outage, **kw)
     except ValueError as e:
-        raise TransportError(str(e)) from None
+        raise AddressError(str(e)) from None
 
 
 def make_transport(url_or_memory: str | Transport, client_id: str = "fedcmd", **kw: Any) -> Transport:

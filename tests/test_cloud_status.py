@@ -50,7 +50,7 @@ def test_unreachable_broker_or_missing_credentials_are_one_line(tmp_path) -> Non
 
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
     down = CliRunner().invoke(app, ["cloud", "status", "--broker", url, "--timeout", "1"])
-    assert down.exit_code == 2 and "cannot connect to the MQTT broker" in down.output
+    assert down.exit_code == 3 and "cannot connect to the MQTT broker" in down.output  # retryable
     assert "Traceback" not in down.output
     missing = CliRunner().invoke(app, ["cloud", "status", "--broker", url, "--password-file", str(tmp_path / "nope"),
                                        "--username", "observer"])
@@ -67,8 +67,13 @@ def test_agent_with_an_unreachable_broker_is_one_line(tmp_path, shared_partition
         "run", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--client-id", "0", "--data", str(shared_partition),
         "-d", "mnist5k", "--state-dir", str(tmp_path / "s"), "--wait", "1",
     ])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output  # retryable: the broker may come up
     assert "cannot connect to the MQTT broker" in result.output and "Traceback" not in result.output
+    bad_url = CliRunner().invoke(edge_app, [
+        "run", "--broker", "http://127.0.0.1:1883", "--client-id", "0", "--data", str(shared_partition),
+        "-d", "mnist5k", "--state-dir", str(tmp_path / "s"), "--wait", "1",
+    ])
+    assert bad_url.exit_code == 2 and "Traceback" not in bad_url.output, bad_url.output  # a setup mistake
 
 
 def _serve_config(tmp_path, url: str, **extra: object) -> object:
