@@ -494,12 +494,15 @@ class Forger:
     @staticmethod
     def _tensor(h: dict[str, Any], arrays: dict[str, np.ndarray], m: tuple[Any, ...],
                 raw_keys: set[str]) -> None:
-        keys = sorted(arrays)
+        # only tensors no earlier mutation touched: a second mutation must not undo the first (drop its extra key)
+        keys = sorted(k for k in arrays if k not in raw_keys)
         floats = [k for k in keys if np.issubdtype(arrays[k].dtype, np.floating)]
         name = m[0]
-        if name == "extra" or not keys:
+        if name == "extra" or not keys:  # an evaluate answer carries no tensors: any tensor is one too many
             key = m[1] if name == "extra" and m[1] and m[1] not in arrays else f"x_extra_{len(arrays)}"
             key = key if not key.endswith("::scale") else key + "x"
+            while key in arrays:
+                key += "_"
             shape = tuple(m[2]) if name == "extra" else (3,)
             arrays[key] = np.zeros(shape, np.float32)
             raw_keys.add(key)
@@ -767,7 +770,9 @@ def child_main() -> None:
             before = len(self.inbox)
             super()._accept(topic, payload)
             if len(self.inbox) > before:
-                accepted.append([self.current_round, topic, hashlib.sha256(payload).hexdigest()])
+                n = int.from_bytes(payload[:8], "little")  # the safetensors header: names, shapes, our metadata
+                head = payload[8: 8 + min(n, 600)].decode(errors="replace")
+                accepted.append([self.current_round, topic, hashlib.sha256(payload).hexdigest(), head])
 
     probed = all(hasattr(Coordinator, m) for m in ("_accept", "_on_update", "_on_presence"))
     if probed:

@@ -36,6 +36,12 @@ def test_plans_are_reproducible_and_every_forgery_is_near_valid() -> None:
     assert built.topic == "fedcmd/sim/client/3/update" and built.reaches
     assert (header.client, header.round, header.run, header.kind) == (3, 2, "0123456789abcdef", "evaluate")
     assert np.allclose(arrays["w"], 1.0042)  # the marker: an aggregated forgery would move the model
+    # two tensor mutations on an evaluate answer (no tensors expected) must not cancel out (found by the soak)
+    ev = TaskSeen(3, "evaluate", "0123456789abcdef", {})
+    plan = {"cat": "update", "target": 0, "free": [],
+            "invalid": [("tensor", ("int8_no_scale", 4)), ("tensor", ("missing", 0, 39))]}
+    _, arrays = decode(Forger(4, Templates(), seed=0).update(plan, {1: ev}).payload)
+    assert len(arrays) == 2
 
 
 def test_every_forgery_is_refused_by_the_coordinator_and_valid_without_its_invalid_mutations() -> None:
