@@ -748,8 +748,8 @@ def child_main() -> None:
         """The real coordinator; the probe only notes the SHA-256 of every payload its handlers got and of those
         it accepted, so the bench can tell a forgery that got in from a real update that was lost."""
 
-        def _note(self, payload: bytes, rejects_before: int) -> None:
-            digest = hashlib.sha256(payload).hexdigest()
+        def _note(self, topic: str, payload: bytes, rejects_before: int) -> None:
+            digest = message_digest(topic, payload)
             handled[digest] += 1
             if sum(self.rejected.values()) == rejects_before:
                 kept[digest] += 1  # accepted (an update), applied (a presence), or dropped without a count
@@ -757,14 +757,14 @@ def child_main() -> None:
         def _on_update(self, topic: str, payload: bytes) -> None:
             before = sum(self.rejected.values())
             super()._on_update(topic, payload)
-            self._note(payload, before)
+            self._note(topic, payload, before)
             if no_settle:  # what-if: a rejected answer does not settle its device (the bench's devices are honest)
                 getattr(self, "failed", set()).clear()
 
         def _on_presence(self, topic: str, payload: bytes) -> None:
             before = sum(self.rejected.values())
             super()._on_presence(topic, payload)
-            self._note(payload, before)
+            self._note(topic, payload, before)
 
         def _accept(self, topic: str, payload: bytes) -> None:
             before = len(self.inbox)
@@ -772,7 +772,7 @@ def child_main() -> None:
             if len(self.inbox) > before:
                 n = int.from_bytes(payload[:8], "little")  # the safetensors header: names, shapes, our metadata
                 head = payload[8: 8 + min(n, 600)].decode(errors="replace")
-                accepted.append([self.current_round, topic, hashlib.sha256(payload).hexdigest(), head])
+                accepted.append([self.current_round, topic, message_digest(topic, payload), head])
 
     probed = all(hasattr(Coordinator, m) for m in ("_accept", "_on_update", "_on_presence"))
     if probed:
@@ -804,6 +804,11 @@ def child_main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # torch's teardown is slow and the workers are gone (fedcmd_core.cli_exit)
+
+
+def message_digest(topic: str, payload: bytes) -> str:
+    """SHA-256 of topic and payload: a forgery on a malformed topic can carry a real answer's exact bytes."""
+    return hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -872,7 +877,7 @@ class Listener:
 
     def send(self, built: Built, forger: Forger) -> None:
         if built.reaches:
-            self.digests[hashlib.sha256(built.payload).hexdigest()] += 1
+            self.digests[message_digest(built.topic, built.payload)] += 1
         chunks = built.chunks if built.chunks is not None else forger.chunks(built.payload)
         for chunk in chunks:
             self._inflight.append(self.client.publish(built.topic, chunk, qos=1))
