@@ -349,8 +349,8 @@ class Coordinator:
                 self.transport.publish(task_topic(self.fleet, cid), self._frames[cid])
 
     def _clip(self, rnd: int, cids: list[int]) -> None:
-        """Scale back updates longer than clip_factor x the median update norm (this round's and recent ones),
-        weights and BN statistics each against their own median."""
+        """Scale updates longer than clip_factor x the median update norm (this round's and recent ones) back
+        to the median norm, weights and BN statistics each against their own median."""
         norms = {cid: update_norms(self.inbox[cid].arrays, self.asked[cid].arrays) for cid in cids}
         clipped: set[int] = set()
         for group in GROUPS:
@@ -360,13 +360,14 @@ class Coordinator:
             self.norm_history[group] = (history + current)[-NORM_WINDOW:]
             if bound is None:
                 continue
+            threshold, target = bound
             for cid, n in norms.items():
-                if n.get(group, 0.0) > bound:
+                if n.get(group, 0.0) > threshold:
                     update = self.inbox[cid]
-                    update.arrays = clip_update(update.arrays, self.asked[cid].arrays, n[group], bound, group)
+                    update.arrays = clip_update(update.arrays, self.asked[cid].arrays, n[group], target, group)
                     clipped.add(cid)
-                    log.info("round %d: clipped the %s update of device %d from norm %.3g to %.3g",
-                             rnd + 1, group, cid, n[group], bound)
+                    log.info("round %d: clipped the %s update of device %d from norm %.3g to the median %.3g",
+                             rnd + 1, group, cid, n[group], target)
         self.clipped += len(clipped)
 
     def _end_round(self, rnd: int, answered: list[int]) -> dict[str, Any]:

@@ -32,6 +32,13 @@ CONDITIONS: list[tuple[str, list[str]]] = [
     ("nan, clipping (default)", ["--attackers", "2", "--attack", "nan"]),
 ]
 ALGOS = ["fedavg", "fedcmd"]
+# --sweep: which clip factor to make the default (clean runs must not lose, attacked runs must hold)
+SWEEP: list[tuple[str, list[str]]] = [
+    (f"{name}, clip {factor}", [*extra, "--clip-factor", str(factor)])
+    for factor in (1.0, 1.5)
+    for name, extra in (("clean", []), ("scale 1e6", ["--attackers", "2", "--attack", "scale"]),
+                        ("signflip 1e6", ["--attackers", "2", "--attack", "signflip"]))
+]
 
 
 def run_cell(out: Path, algo: str, seed: int, rounds: int, extra: list[str]) -> float | None:
@@ -55,9 +62,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--sweep", action="store_true", help="the clip-factor sweep instead of the table")
     args = parser.parse_args()
     rows = ["| condition | " + " | ".join(ALGOS) + " |", "|---|" + "---|" * len(ALGOS)]
-    for name, extra in CONDITIONS:
+    for name, extra in SWEEP if args.sweep else CONDITIONS:
         cells = []
         for algo in ALGOS:
             slug = name.replace(" ", "_").replace(",", "").replace("+", "and")
@@ -68,7 +76,7 @@ def main() -> None:
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
-    (args.out / "table.md").write_text(table + "\n")
+    (args.out / ("sweep.md" if args.sweep else "table.md")).write_text(table + "\n")
     print(table)
 
 

@@ -6,8 +6,8 @@ Two defences, each usable by every algorithm that averages:
   update's length is ``||trained - sent||`` over the float entries the device was sent, measured for the
   weights and for the BatchNorm running statistics separately (they move on different scales: one norm
   over both let a clipped update drive variances negative). Longer than ``clip_factor`` x the median
-  length of the round (and of recent rounds) and that part is scaled back along its own direction to the
-  bound, so an update scaled by 1e6 counts no more than a long honest one.
+  length of the round (and of recent rounds) and that part is an outlier: it is scaled back along its own
+  direction to the median length, so an update scaled by 1e6 counts like one honest update.
 * **Coordinate-wise robust means** (``aggregation = "trimmed_mean" | "median"``): per entry, drop the
   ``trim_ratio`` largest and smallest values before the (data-size weighted) mean, or take the median.
 
@@ -74,12 +74,17 @@ def clip_update(
     return out
 
 
-def clip_bound(norms: Sequence[float], factor: float) -> float | None:
-    """``factor`` x the median of ``norms`` (None: no clipping, with factor 0 or nothing to compare)."""
+def clip_bound(norms: Sequence[float], factor: float) -> tuple[float, float] | None:
+    """(threshold, target): an update longer than ``factor`` x the median of ``norms`` is an outlier, and is
+    scaled to the median length (None: no clipping, with factor 0 or nothing to compare).
+
+    Scaling outliers to the median, not to the threshold, is what makes a boosted update count like one
+    honest update (measured: clipped to 3 x the median, two boosted devices of ten still cost FedAvg 5
+    points); honest updates stay below the threshold, so clean runs do not change."""
     if factor <= 0 or not norms:
         return None
     median = float(np.median(np.asarray(norms, dtype=np.float64)))
-    return factor * median if median > 0 else None
+    return (factor * median, median) if median > 0 else None
 
 
 def aggregate(
