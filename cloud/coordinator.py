@@ -33,9 +33,8 @@ from protocols.topics import (
 from protocols.transport import Transport
 
 log = logging.getLogger("fedcmd.cloud")
-# Rejections of an answer that passed the identity checks (this run, round, kind, a tasked device): the
-# device will send nothing else for this task, so the round stops waiting for it. (Without per-device ACLs
-# on the broker anyone can publish on a device's topic: deploy with `fedcmd deploy acl`.)
+# Rejections of an answer that passed the identity checks (this run, round, kind, a tasked device): with
+# settle_on_bad_answer the round stops waiting for that device.
 ANSWER_FAULTS = frozenset({"bad_count", "bad_info", "bad_tensors", "non_finite", "bad_metrics"})
 NORM_WINDOW = 100  # update norms the clipping median is taken over
 MAX_STATUS_PROFILES = 16
@@ -69,6 +68,10 @@ class RoundSettings:
     # After a broker outage, the next round waits (at most this long) for the devices that were online
     # before it to announce themselves again, so the outage does not change who can be sampled.
     rejoin_wait: float = 30.0
+    # A tasked device whose answer is rejected for its content will send nothing else: stop waiting for it.
+    # Only where nobody else can publish on a device's topic (per-device ACLs, `fedcmd deploy acl`; a
+    # simulation's private broker): on an open broker a forger could end a real device's round this way.
+    settle_on_bad_answer: bool = False
 
 
 @dataclass
@@ -192,7 +195,10 @@ class Coordinator:
     def _on_presence(self, topic: str, payload: bytes) -> None:
         cid: int | None = None
         try:
-            fleet, cid, leaf = parse_client_topic(topic)
+            try:
+                fleet, cid, leaf = parse_client_topic(topic)
+            except ValueError as e:
+                raise Rejected("bad_topic", str(e)) from None
             if fleet != self.fleet or leaf != "presence":
                 raise Rejected("bad_presence", f"presence on {topic[:120]!r}")
             if cid >= self.s.num_clients:
@@ -240,11 +246,15 @@ class Coordinator:
     def _on_update(self, topic: str, payload: bytes) -> None:
         cid: int | None = None
         try:
-            _, cid, _ = parse_client_topic(topic)
+            try:
+                _, cid, _ = parse_client_topic(topic)
+            except ValueError as e:
+                raise Rejected("bad_topic", str(e)) from None
             self._accept(topic, payload)
         except Rejected as r:
             self._reject(r.reason, r.detail, cid)
-            if r.reason in ANSWER_FAULTS and cid in self.asked and cid not in self.inbox:
+            owed = cid in self.asked and cid not in self.inbox
+            if self.s.settle_on_bad_answer and r.reason in ANSWER_FAULTS and owed:
                 self.failed.add(cid)  # its own (run, round, kind) answer, broken: stop waiting for it
         except Exception as e:  # fault isolation: one device's message never takes the coordinator down
             self._reject("handler_error", f"update on {topic[:120]!r}: {type(e).__name__}: {e}", cid)

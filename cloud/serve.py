@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationError, field_validator
 
 from cloud.config import ConfigError, Unavailable
 from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
@@ -89,6 +89,9 @@ class ServeConfig(BaseModel):
     # seconds the coordinator keeps waiting for a broker that went away (re-connecting with back-off);
     # None: forever. Past it, a publish fails and the service exits (3) to be restarted.
     max_outage: NonNegativeFloat | None = None
+    # The broker enforces per-device ACLs (`fedcmd deploy acl`): nobody else can publish on a device's topic,
+    # so a device whose answer is rejected is settled for the round instead of waited for until the deadline.
+    device_acl: StrictBool = False
     run: RunSpec
 
     @field_validator("broker")
@@ -165,6 +168,7 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
         track_presence=True,
         update_codec=cfg.update_codec,
         clip_factor=cfg.run.clip_factor,
+        settle_on_bad_answer=cfg.device_acl,
     )
     try:
         coordinator = Coordinator(transport, server, cfg.fleet, settings, cfg.checkpoint,

@@ -225,6 +225,8 @@ def run_coordinator(
         deadline=deadline if deadline is not None else cfg.round_deadline,
         update_codec=cfg.update_codec,
         clip_factor=cfg.clip_factor,
+        # the in-process transport and a private broker carry only our agents' messages
+        settle_on_bad_answer=cfg.transport == "memory" or cfg.broker == "auto",
         # the coordinator rejects a num_samples above a device's known training-set size
         train_sizes={cid: len(train) for cid, train in enumerate(p.partition.train)},
     )

@@ -129,9 +129,6 @@ def test_smoke_no_crash_no_forgery_aggregated(smoke: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="a content-rejected forgery on a device's topic settles that device for the "
-                   "round (cloud/coordinator.py ANSWER_FAULTS -> failed, 47ea5da): on a broker without per-device "
-                   "ACLs the real answer is then lost")
 def test_smoke_run_equals_the_clean_run(smoke: dict) -> None:
     assert smoke["real_answers_lost"] == {}
     assert smoke["metrics_equal_clean"] and smoke["differing_rounds"] == []

@@ -272,6 +272,7 @@ class Networked(Tampering):
 
 
 def test_a_rejected_answer_ends_the_wait_for_that_device() -> None:
+    """Behind per-device ACLs (settle_on_bad_answer) a device's broken answer is its last for the task."""
     def nan(h: Header, a: dict) -> tuple[Header, dict]:
         return h, {k: np.full_like(v, np.nan) if v.dtype == np.float32 else v for k, v in a.items()}
 
@@ -280,7 +281,7 @@ def test_a_rejected_answer_ends_the_wait_for_that_device() -> None:
     for cid in range(p.partition.num_clients):
         make_agent(p, transport, cid).announce()
     settings = RoundSettings(num_clients=10, global_epoch=1, join_ratio=1.0, seed=5, local_epoch=1,
-                             track_presence=True, deadline=30.0)
+                             track_presence=True, deadline=30.0, settle_on_bad_answer=True)
     c = Coordinator(transport, p.server, FLEET, settings)
     transport.run_until(lambda: len(c.online) == 10, 1.0)
     started = time.monotonic()
@@ -288,3 +289,14 @@ def test_a_rejected_answer_ends_the_wait_for_that_device() -> None:
     assert transport.tampered == 1 and c.rejected["non_finite"] == 1
     assert record.answered == [x for x in record.clients if x != 3]
     assert time.monotonic() - started < 15  # not the 30 s deadline
+
+
+def test_a_malformed_device_topic_is_its_own_reject_reason() -> None:
+    spec = RunSpec(algo="fedavg", input_shape=(1, 28, 28), num_classes=10, num_clients=4, global_epoch=2)
+    c = Coordinator(MemoryTransport(), build_server(spec), "f",
+                    RoundSettings(num_clients=4, global_epoch=2, join_ratio=0.5, seed=0, local_epoch=1))
+    for leaf in ("update", "presence"):
+        for bad in ("007", "01", " 1", "1" * 19):
+            c.transport.publish(f"fedcmd/f/client/{bad}/{leaf}", b"{}")
+    c.transport.run_until(lambda: False)
+    assert dict(c.rejected) == {"bad_topic": 8}  # not handler_error, which is kept for real surprises
