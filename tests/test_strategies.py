@@ -198,6 +198,10 @@ def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() 
     np.testing.assert_allclose(got, mixed + 7.0 * step, rtol=1e-4, atol=1e-5)
     # the described form would have mixed all four bodies without the step: a different body
     assert not np.allclose(got, mixed)
+    # the round's mixing diagnostics come back with the round: fresh bodies only, two of them
+    facts = server.end_round(2, [])
+    assert facts["staleness"] == pytest.approx(1.0) and facts["mixed_bodies"] == 2.0
+    assert facts["effective_bodies"] == pytest.approx(1.0 / (phi**2).sum())
 
 
 def test_fedcmd_server_momentum_adds_the_previous_rounds_velocity() -> None:

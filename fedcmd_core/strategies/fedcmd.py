@@ -139,6 +139,8 @@ class FedCMDServer(ServerStrategy):
         self.relay_body: np.ndarray | None = None
         self.velocity: np.ndarray | None = None  # server_momentum: running sum of the rounds' mean body updates
         self.push: np.ndarray | None = None  # what momentum adds to every body mixed for the next round
+        self.last_mean_body: np.ndarray | None = None  # mean body sent last round (diagnostics: body drift)
+        self.diagnostics: dict[str, float] = {}  # this round's mixing diagnostics, returned by end_round
         self._round_bodies: dict[int, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------- structure
@@ -156,7 +158,15 @@ class FedCMDServer(ServerStrategy):
         if rnd == self.phase1 or (rnd > self.phase1 and self.chosen is None):
             self._finish_selection()
         if rnd >= self.phase1 and self.params.body_mode == "weighted":
-            self._round_bodies = dict(zip(cids, self._weighted_bodies(cids)))
+            diag: dict[str, float] = {}
+            bodies = self._weighted_bodies(cids, diag, rnd)
+            self._round_bodies = dict(zip(cids, bodies))
+            mean = bodies.mean(axis=0)
+            last = getattr(self, "last_mean_body", None)
+            if last is not None:
+                diag["body_drift"] = float(np.linalg.norm(mean - last))  # how far the sent bodies moved
+            self.last_mean_body = mean
+            self.diagnostics = diag
 
     def configure_fit(self, rnd: int, cid: int) -> Task:
         if rnd < self.phase1:
@@ -217,6 +227,8 @@ class FedCMDServer(ServerStrategy):
             self.body_round[c] = rnd
             self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
         self._update_similarity()
+        facts.update(getattr(self, "diagnostics", {}))
+        self.diagnostics = {}
         if self.params.server_momentum and self.params.body_mode == "weighted" and done:
             self._momentum(done)
         self.pending.clear()
@@ -275,7 +287,12 @@ class FedCMDServer(ServerStrategy):
             rows = np.concatenate([rows, np.asarray(delta[bias], dtype=np.float64).reshape(-1, 1)], axis=1)
         return rows
 
-    def _weighted_bodies(self, cids: Sequence[int]) -> np.ndarray:
+    def _weighted_bodies(
+        self, cids: Sequence[int], diag: dict[str, float] | None = None, rnd: int = 0
+    ) -> np.ndarray:
+        """The mixed bodies for ``cids``; ``diag`` (if given) gets the round's mixing diagnostics: mean
+        staleness of the mixed bodies (1 = trained last round), effective number of bodies 1 / sum_j w_ij^2
+        and the spread (std) of the similarities used, each averaged over the devices."""
         held = sorted(self.bodies)
         if self.params.max_staleness and held:
             newest = max(self.body_round[c] for c in held)
@@ -299,6 +316,12 @@ class FedCMDServer(ServerStrategy):
             if p.self_weight and c in held:
                 phi[r, held.index(c)] += p.self_weight * phi[r].sum()
         phi = phi / phi.sum(axis=1, keepdims=True)
+        if diag is not None:
+            age = np.asarray([rnd - self.body_round[j] for j in held], dtype=np.float64)
+            diag["mixed_bodies"] = float(len(held))
+            diag["staleness"] = float((phi @ age).mean())
+            diag["effective_bodies"] = float((1.0 / (phi**2).sum(axis=1)).mean())
+            diag["similarity_std"] = float(s.std(axis=1).mean())
         mixed = kernels.weighted_aggregate(phi, [self.bodies[j] for j in held])
         if p.server_lr != 1.0:
             # Step further along the mixed update: body + lr * sum_j Phi_ij (theta_j - start_j).
