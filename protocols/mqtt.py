@@ -222,7 +222,8 @@ class MqttTransport(Transport):
                 self._client = self._start_client()
                 self._wait_first_connection(connect_timeout)
             if self._fatal is not None:
-                raise TransportError(f"the MQTT broker at {url} refused client {client_id!r}: {self._fatal}")
+                # refused credentials or identity: a setup mistake (exit 2), not a broker that is down (3)
+                raise CredentialsError(f"the MQTT broker at {url} refused client {client_id!r}: {self._fatal}")
             if not self._connected.is_set():
                 reason = self._last_error
                 if reason == _NO_ANSWER or reason.startswith("cannot reach"):
