@@ -106,9 +106,15 @@ class TrainingSettings(BaseModel):
         try:
             parse_params(self.algo, self.hp)
         except ValidationError as e:
+            from fedcmd_core.strategies import algorithm
+
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"hp.{where}: {err['msg']} (got {err.get('input')!r})") from None
+            known = ", ".join(sorted(algorithm(self.algo)[0].Params.model_fields))
+            hint = f"; {self.algo}'s hyper-parameters: {known}" if err["type"] == "extra_forbidden" else ""
+            raise ValueError(
+                f"bad hyper-parameter for {self.algo}: {where}: {err['msg']} (got {err.get('input')!r}){hint}"
+            ) from None
         return self
 
     def train_config(self) -> TrainConfig:
@@ -124,8 +130,8 @@ def first_error(e: ValidationError, prefix: str = "") -> str:
     parts = [prefix, *loc] if prefix else loc
     where = ".".join(parts) or "config"
     msg = err["msg"].removeprefix("Value error, ")
-    if msg.startswith("hp."):  # raised by the model validator: it names its own field
-        return ".".join([*parts, msg])
+    if msg.startswith("bad hyper-parameter"):  # raised by the model validator: it names its own field
+        return f"{'.'.join(parts)}: {msg}" if parts else msg
     text = f"{where}: {msg}"
     if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
         text += f" (got {err['input']!r})"
