@@ -550,4 +550,4 @@ class Coordinator:
         if isinstance(history, dict):
             self.norm_history = {g: [float(v) for v in vs] for g, vs in history.items()}
         self.strategy.load_state_dict(values["strategy"])
-        log.info("resumed run %s from %s at round %d", self.run_id, path, self.next_round + 1)
+        log.info("resumed from %s at round %d (run %s)", path, self.next_round + 1, self.run_id)

@@ -107,7 +107,7 @@ def test_coordinator_killed_mid_round_resumes_without_losing_rounds(
 
 
 @pytest.mark.timeout(600)
-def test_agent_killed_mid_round_round_closes_at_deadline_and_agent_rejoins(
+def test_agent_killed_mid_round_round_closes_once_its_will_arrives_and_agent_rejoins(
     tmp_path: Path, shared_partition: Path, mosquitto_broker
 ) -> None:
     from protocols.codec import decode
@@ -141,7 +141,8 @@ def test_agent_killed_mid_round_round_closes_at_deadline_and_agent_rejoins(
         row = rows[killed_round]
         assert "2" in row["sampled"].split() and "2" not in row["answered"].split()
         assert len(row["answered"].split()) >= 2  # quorum held: the round was aggregated
-        assert float(row["seconds"]) >= deadline  # it closed at the deadline, not before
+        # its last will said offline: the round closed after the offline grace (5 s), not at the 10 s deadline
+        assert 5.0 <= float(row["seconds"]) < deadline
         later = [set(r["answered"].split()) for r in rows[killed_round + 1 :]]
         assert any("2" in a for a in later), "the restarted agent did not rejoin"
         assert (tmp_path / "state-2" / "client-2.state.safetensors").is_file()

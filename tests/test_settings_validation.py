@@ -67,8 +67,10 @@ def test_both_settings_models_share_one_base() -> None:
         ("clip_factor", -1, "run.clip_factor: Input should be greater than or equal to 0 (got -1)"),
         ("model", "lenet7", "unknown model 'lenet7'"),
         ("algo", "fedfoo", "unknown algorithm 'fedfoo'"),
-        ("hp", {"share_bn_stats": "x"}, "run: bad hyper-parameter for fedavg: share_bn_stats: Input should be a valid boolean, unable"),
-        ("hp", {"selection_rounds": 2}, "run: bad hyper-parameter for fedavg: selection_rounds: Extra inputs are not permitted (got 2); fedavg's hyper-parameters:"),
+        ("hp", {"share_bn_stats": "x"}, "run: bad hyper-parameter for fedavg: share_bn_stats: "
+                                         "Input should be a valid boolean, unable"),
+        ("hp", {"selection_rounds": 2}, "run: bad hyper-parameter for fedavg: selection_rounds: "
+                                         "Extra inputs are not permitted (got 2); fedavg's hyper-parameters:"),
         ("rounds", 3, "run.rounds: unknown setting"),
     ],
 )
