@@ -38,6 +38,7 @@ log = logging.getLogger("fedcmd.cloud")
 ANSWER_FAULTS = frozenset({"bad_count", "bad_info", "bad_tensors", "non_finite", "bad_metrics"})
 NORM_WINDOW = 100  # update norms the clipping median is taken over
 MAX_STATUS_PROFILES = 16
+LOGGED_REJECTS = 5  # per (reason, device) before the log only counts
 
 
 @dataclass
@@ -60,7 +61,7 @@ class RoundSettings:
     max_num_samples: int = 10_000_000
     train_sizes: dict[int, int] | None = None
     # Update-norm clipping: an update (trained - sent) longer than clip_factor x the median norm of the
-    # round (and of recent rounds) is scaled down to that length; 0 turns clipping off.
+    # round (and of recent rounds) is scaled to the median length; 0 turns clipping off.
     clip_factor: float = 3.0
     # An "offline" presence ends the wait for a device only after this grace: a broker that shuts down
     # normally sends every device's last will, and the devices are back seconds later.
@@ -129,6 +130,7 @@ class Coordinator:
         self.records: list[RoundRecord] = []
         self.rejected: Counter[str] = Counter()
         self.rejected_by_device: Counter[int] = Counter()
+        self._logged: Counter[tuple[str, int]] = Counter()
         self.clipped = 0
         self.norm_history: dict[str, list[float]] = {}  # recent update norms per group: the clipping median
         self.online: set[int] = set()
@@ -189,8 +191,14 @@ class Coordinator:
         self.rejected[reason] += 1
         if cid is not None and 0 <= cid < self.s.num_clients:
             self.rejected_by_device[cid] += 1
-        who = f"message of device {cid}" if cid is not None else "message"
-        log.warning("rejected %s: %s (%s)", who, detail, reason)
+        # A flood must not fill the log: the first few of each (reason, device), then every 1000th.
+        key = (reason, cid if cid is not None and 0 <= cid < self.s.num_clients else -1)
+        self._logged[key] += 1
+        n = self._logged[key]
+        if n <= LOGGED_REJECTS or n % 1000 == 0:
+            who = f"message of device {cid}" if cid is not None else "message"
+            more = f" [{n} of these so far]" if n > LOGGED_REJECTS else ""
+            log.warning("rejected %s: %s (%s)%s", who, detail, reason, more)
 
     def _on_presence(self, topic: str, payload: bytes) -> None:
         cid: int | None = None

@@ -84,3 +84,16 @@ def test_presence_registers_devices_with_their_profiles(coordinator: Coordinator
     coordinator.publish_status("running")
     t.run_until(lambda: False)
     assert status[-1]["profiles"] == {"jetson-orin": 1}
+
+
+def test_a_flood_of_rejects_is_counted_but_not_logged_line_by_line(coordinator: Coordinator, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fedcmd.cloud"):
+        for _ in range(2000):
+            coordinator.transport.publish(update_topic("f", 1), b"\x00junk")
+        coordinator.transport.run_until(lambda: False)
+    assert coordinator.rejected["malformed"] == 2000
+    lines = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 5 + 2  # the first five, then the 1000th and the 2000th with the running count
+    assert "[2000 of these so far]" in lines[-1].getMessage()
