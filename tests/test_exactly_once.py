@@ -171,7 +171,7 @@ def test_cloud_serve_sigkilled_mid_round_resumes_to_the_same_metrics_over_mqtt(
             if p.poll() is None:
                 p.kill()
     assert first_kill >= 1
-    assert "resumed run" in (tmp_path / "serve-killed.log").read_text()
+    assert "resumed from" in (tmp_path / "serve-killed.log").read_text()
     a, _ = load_state_file(tmp_path / "whole.ckpt.safetensors")
     b, _ = load_state_file(tmp_path / "killed.ckpt.safetensors")
     assert [r["round"] for r in b["records"]] == list(range(rounds))
