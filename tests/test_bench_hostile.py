@@ -124,7 +124,9 @@ def test_smoke_no_crash_no_forgery_aggregated(smoke: dict) -> None:
     for deep in ("bad_tensors", "wrong_run", "wrong_kind", "bad_presence", "malformed"):
         assert reasons.get(deep, 0) > 0, (deep, reasons)
     assert rep["clean_rejected_by_reason"] == {}
-    assert (rep["keep"] / "hostile" / "coordinator.log").read_text().count("rejected") >= rep["coordinator_rejects"]
+    # rejects are logged, but boundedly: the first five per (reason, device), then every 1000th with its count
+    logged = (rep["keep"] / "hostile" / "coordinator.log").read_text().count("rejected message")
+    assert 0 < logged <= rep["coordinator_rejects"]
 
 
 @pytest.mark.slow
