@@ -41,6 +41,13 @@ MAX_STATUS_PROFILES = 16
 LOGGED_REJECTS = 5  # per (reason, device) before the log only counts
 
 
+def _client_topic(topic: str) -> tuple[str, int, str]:
+    try:
+        return parse_client_topic(topic)
+    except ValueError as e:
+        raise Rejected("bad_topic", str(e)) from None
+
+
 @dataclass
 class RoundSettings:
     num_clients: int
@@ -129,7 +136,6 @@ class Coordinator:
         self.next_round = 0
         self.records: list[RoundRecord] = []
         self.rejected: Counter[str] = Counter()
-        self.rejected_by_device: Counter[int] = Counter()
         self._logged: Counter[tuple[str, int]] = Counter()
         self.clipped = 0
         self.norm_history: dict[str, list[float]] = {}  # recent update norms per group: the clipping median
@@ -189,8 +195,6 @@ class Coordinator:
 
     def _reject(self, reason: str, detail: str, cid: int | None = None) -> None:
         self.rejected[reason] += 1
-        if cid is not None and 0 <= cid < self.s.num_clients:
-            self.rejected_by_device[cid] += 1
         # A flood must not fill the log: the first few of each (reason, device), then every 1000th.
         key = (reason, cid if cid is not None and 0 <= cid < self.s.num_clients else -1)
         self._logged[key] += 1
@@ -203,10 +207,7 @@ class Coordinator:
     def _on_presence(self, topic: str, payload: bytes) -> None:
         cid: int | None = None
         try:
-            try:
-                fleet, cid, leaf = parse_client_topic(topic)
-            except ValueError as e:
-                raise Rejected("bad_topic", str(e)) from None
+            fleet, cid, leaf = _client_topic(topic)
             if fleet != self.fleet or leaf != "presence":
                 raise Rejected("bad_presence", f"presence on {topic[:120]!r}")
             if cid >= self.s.num_clients:
@@ -254,10 +255,7 @@ class Coordinator:
     def _on_update(self, topic: str, payload: bytes) -> None:
         cid: int | None = None
         try:
-            try:
-                _, cid, _ = parse_client_topic(topic)
-            except ValueError as e:
-                raise Rejected("bad_topic", str(e)) from None
+            _, cid, _ = _client_topic(topic)
             self._accept(topic, payload)
         except Rejected as r:
             self._reject(r.reason, r.detail, cid)
