@@ -110,7 +110,8 @@ def summary(result: SimulationResult) -> dict[str, Any]:
         "rejected_updates": result.rejected,
         "clipped_updates": result.clipped,
         "attackers": {"devices": result.attackers, "attack": cfg.attack, "scale": cfg.attack_scale}
-        if result.attackers else None,
+        if result.attackers
+        else None,
         "strategy": result.strategy_summary,
     }
 

@@ -22,8 +22,15 @@ FAST = ["-jr", "0.1", "-ge", "4", "-le", "1", "-tg", "0", "--quiet"]
 
 def test_same_command_twice_gives_the_same_metrics(shared_partition: Path) -> None:
     values = {
-        "algo": "fedcmd", "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
-        "global_epoch": 4, "local_epoch": 1, "seed": 5, "test_gap": 0, "hp": {"selection_rounds": 2},
+        "algo": "fedcmd",
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 4,
+        "local_epoch": 1,
+        "seed": 5,
+        "test_gap": 0,
+        "hp": {"selection_rounds": 2},
     }
     a = build_and_run(resolve({}, dict(values)))
     b = build_and_run(resolve({}, dict(values)))
@@ -44,12 +51,31 @@ def test_simulate_writes_a_complete_run_folder(tmp_path: Path, shared_partition:
     out = tmp_path / "run"
     result = runner.invoke(
         app,
-        ["simulate", "--algo", "fedcmd", "-d", "mnist5k", "--partition", str(shared_partition), *FAST,
-         "--hp", "selection_rounds=2", "--save_model", "1", "--out", str(out)],
+        [
+            "simulate",
+            "--algo",
+            "fedcmd",
+            "-d",
+            "mnist5k",
+            "--partition",
+            str(shared_partition),
+            *FAST,
+            "--hp",
+            "selection_rounds=2",
+            "--save_model",
+            "1",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "config.json", "metrics.csv", "model.safetensors", "run.log", "summary.json"
+        "accuracy.png",
+        "config.json",
+        "metrics.csv",
+        "model.safetensors",
+        "run.log",
+        "summary.json",
     ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"]["chosen_layer"] in ("fc1", "fc2", "classifier")
@@ -131,10 +157,30 @@ def test_console_script_runs_and_seed_spellings_work(tmp_path: Path, shared_part
     exe = Path(sys.executable).with_name("fedcmd")
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [str(exe), "simulate", "--algo", "fedavg", "-d", "mnist5k", "--partition", str(shared_partition),
-         "--join_ratio", "0.1", "--global_epoch", "2", "--local_epoch", "1", "--test_gap", "0", "--quiet",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(exe),
+            "simulate",
+            "--algo",
+            "fedavg",
+            "-d",
+            "mnist5k",
+            "--partition",
+            str(shared_partition),
+            "--join_ratio",
+            "0.1",
+            "--global_epoch",
+            "2",
+            "--local_epoch",
+            "1",
+            "--test_gap",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "paper metric" in proc.stdout
@@ -143,8 +189,15 @@ def test_console_script_runs_and_seed_spellings_work(tmp_path: Path, shared_part
 
 
 def test_eval_flags_choose_the_splits(shared_partition: Path) -> None:
-    base = {"algo": "fedavg", "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
-            "global_epoch": 1, "local_epoch": 1, "test_gap": 0}
+    base = {
+        "algo": "fedavg",
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 1,
+        "local_epoch": 1,
+        "test_gap": 0,
+    }
     both = build_and_run(resolve({}, {**base, "eval_train": True}))
     assert {"test_before_acc", "train_before_acc", "train_after_acc"} <= both.records[0].metrics.keys()
     train_only = build_and_run(resolve({}, {**base, "eval_test": False, "eval_train": True}))
@@ -160,10 +213,19 @@ def test_stragglers_external_weights_and_global_testset(tmp_path: Path, shared_p
     from protocols.codec import decode
     from protocols.memory import MemoryTransport
 
-    base = {"algo": "fedavg", "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
-            "global_epoch": 2, "local_epoch": 3, "test_gap": 0, "seed": 2}
+    base = {
+        "algo": "fedavg",
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 2,
+        "local_epoch": 3,
+        "test_gap": 0,
+        "seed": 2,
+    }
     transport = MemoryTransport()
     epochs: list[int] = []
+
     def on_task(topic: str, payload: bytes) -> None:
         header = decode(payload)[0]
         if header.kind == "fit":
