@@ -9,6 +9,7 @@ The full wire format is in ``protocols/README.md``.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -23,6 +24,11 @@ CODECS: tuple[str, ...] = get_args(Codec)
 SCALE_SUFFIX = "::scale"  # reserved tensor-name suffix: the int8 codec's per-tensor scales
 METADATA_KEY = "fedcmd"  # the safetensors ``__metadata__`` entry that holds the header JSON
 _FP16_MAX = float(np.finfo(np.float16).max)
+# Every float in the fedcmd header takes exactly this many characters: its shortest round-trip decimal
+# (at most 24, e.g. -2.2250738585072014e-308) right-padded with spaces, which JSON allows after a value.
+# A frame's length then depends on its structure, never on the values of its floats: the wall-clock
+# ``fit_seconds`` an update carries (or a loss differing in its last bit) cannot change byte counts.
+FLOAT_WIDTH = 24
 
 
 class DecodeError(ValueError):
@@ -106,6 +112,23 @@ def _dequantise(arrays: dict[str, np.ndarray], codec: str) -> dict[str, np.ndarr
     return out
 
 
+def _fixed_json(value: Any) -> str:
+    """Compact JSON of plain JSON data (str keys), every float padded to :data:`FLOAT_WIDTH`."""
+    if isinstance(value, float):  # a non-finite float is already null: header_json parses pydantic's JSON
+        return repr(value).ljust(FLOAT_WIDTH) if math.isfinite(value) else "null"
+    if isinstance(value, dict):
+        return "{" + ",".join(json.dumps(k, ensure_ascii=False) + ":" + _fixed_json(v) for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_fixed_json(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def header_json(header: Header) -> str:
+    """The fedcmd header as it travels: pydantic's compact JSON with every float fixed-width."""
+    # The round trip through pydantic's JSON leaves only JSON data (str keys, non-finite floats as null).
+    return _fixed_json(json.loads(header.model_dump_json()))
+
+
 def encode(header: Header, arrays: dict[str, np.ndarray] | None = None, codec: Codec | None = None) -> bytes:
     """One frame: ``arrays`` in safetensors layout, ``header`` as JSON in its metadata.
 
@@ -118,7 +141,7 @@ def encode(header: Header, arrays: dict[str, np.ndarray] | None = None, codec: C
     if codec != header.codec:
         header = header.model_copy(update={"codec": codec})
     tensors = _quantise(arrays or {}, codec)
-    return st_save(tensors, metadata={METADATA_KEY: header.model_dump_json()})
+    return st_save(tensors, metadata={METADATA_KEY: header_json(header)})
 
 
 def decode(frame: bytes) -> tuple[Header, dict[str, np.ndarray]]:

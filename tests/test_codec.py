@@ -17,6 +17,24 @@ def test_round_trip_keeps_header_and_tensors() -> None:
     assert int(out["n"].reshape(-1)[0]) == 3
 
 
+def test_frame_length_does_not_depend_on_float_values() -> None:
+    """Byte counts repeat run to run: a float's digits (wall-clock fit_seconds, a loss's last bit) never
+    change a frame's length, and every float still decodes to exactly the value sent."""
+    arrays = {"w": np.ones(3, dtype=np.float32)}
+    values = [0.0, 0.1, 0.012345678901234567, 1.0, 123456.789, 1e-300, -2.2250738585072014e-308, 5e-324, 1e7]
+    lengths = set()
+    for v in values:
+        metrics = {"fit_seconds": v, "test_before_loss": -v, "test_before_correct": 3, "xs": [v, 2.5]}
+        header = Header(type="update", fleet="f", round=1, client=2, payload={"metrics": metrics})
+        frame = encode(header, arrays)
+        lengths.add(len(frame))
+        h, _ = decode(frame)
+        assert h.payload["metrics"] == metrics  # exact, integers stay integers
+    assert len(lengths) == 1
+    with_inf = decode(encode(Header(type="task", fleet="f", payload={"lr": float("inf")})))[0]
+    assert with_inf.payload == {"lr": None}  # as pydantic's JSON always wrote it
+
+
 @pytest.mark.parametrize("cut", [0, 5, 20, -10])
 def test_truncated_frames_are_rejected(cut: int) -> None:
     frame = encode(Header(type="task", fleet="f"), {"x": np.zeros(100, dtype=np.float32)})
