@@ -35,6 +35,10 @@ METRIC_COLUMNS = [
     "all_test_before_acc",
     "all_test_after_acc",
 ]
+# The only wall-clock values of a run folder (besides run.log's timestamps): two runs of the same command
+# agree byte for byte on everything else in metrics.csv and summary.json (README, "Run folder").
+WALL_CLOCK_COLUMNS = ("seconds",)  # metrics.csv
+WALL_CLOCK_FIELDS = ("seconds", "seconds_per_round")  # summary.json, top level
 
 
 def capture_log(buffer: io.StringIO) -> logging.Logger:
@@ -147,7 +151,7 @@ def _write_files(result: SimulationResult, folder: Path, log_text: str) -> None:
 def _write_metrics(result: SimulationResult, path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["round", "phase", "clients", *METRIC_COLUMNS, "bytes_down", "bytes_up", "seconds"])
+        w.writerow(["round", "phase", "clients", *METRIC_COLUMNS, "bytes_down", "bytes_up", *WALL_CLOCK_COLUMNS])
         for r in result.records:
             values = [_fmt(r.metrics.get(c)) for c in METRIC_COLUMNS]
             clients = " ".join(str(c) for c in r.clients)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from cloud.cli import app
 from cloud.config import resolve
+from cloud.run_output import WALL_CLOCK_COLUMNS, WALL_CLOCK_FIELDS
 from cloud.simulate import build_and_run
 
 runner = CliRunner()
@@ -45,6 +47,71 @@ def test_same_command_twice_gives_the_same_metrics(shared_partition: Path) -> No
             assert ma[k] == (mb[k] if k.endswith("_acc") else pytest.approx(mb[k], rel=1e-7)), k
     c = build_and_run(resolve({}, {**values, "seed": 6}))
     assert [r.metrics for r in a.records] != [r.metrics for r in c.records]
+
+
+def _without_wall_clock(folder: Path) -> tuple[list[str], list[str]]:
+    """metrics.csv and summary.json as text, the documented wall-clock values blanked (and only those)."""
+    lines = (folder / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    wall = [header.index(c) for c in WALL_CLOCK_COLUMNS]
+    csv_rows = [lines[0]]
+    for line in lines[1:]:
+        fields = line.split(",")  # our metrics.csv never quotes: a plain split is exact
+        assert len(fields) == len(header) and all(fields[i] for i in wall), line
+        csv_rows.append(",".join("<wall>" if i in wall else f for i, f in enumerate(fields)))
+    pattern = re.compile(r'^  "(?:{})": [^,]+(,?)$'.format("|".join(WALL_CLOCK_FIELDS)))
+    summary_lines = (folder / "summary.json").read_text().splitlines()
+    masked = [pattern.sub(r"<wall>\1", line) for line in summary_lines]
+    assert sum(m != line for m, line in zip(masked, summary_lines)) == len(WALL_CLOCK_FIELDS)
+    return csv_rows, masked
+
+
+def test_same_command_in_two_processes_writes_the_same_run_folder(tmp_path: Path) -> None:
+    """What a user sees: one command run twice (two processes at once) gives identical metrics.csv and
+    summary.json except the wall-clock values README names, byte counts included (an update carries its
+    wall-clock fit_seconds; before fixed-width header floats its digits changed bytes_up)."""
+    exe = Path(sys.executable).with_name("fedcmd")
+    args = [
+        "simulate",
+        "--algo",
+        "fedcmd",
+        "-d",
+        "synthetic",
+        "-m",
+        "2nn",
+        "-cn",
+        "6",
+        "-jr",
+        "1",
+        "-ge",
+        "3",
+        "-le",
+        "1",
+        "-tg",
+        "0",
+        "--hp",
+        "selection_rounds=1",
+        "--seed",
+        "5",
+        "--save_fig",
+        "0",
+        "--quiet",
+    ]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = [
+        subprocess.Popen(
+            [str(exe), *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for out in outs
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    (csv_a, summary_a), (csv_b, summary_b) = (_without_wall_clock(out) for out in outs)
+    assert len(csv_a) == 4  # header + 3 rounds
+    assert csv_a == csv_b
+    assert summary_a == summary_b
+    assert json.loads((outs[0] / "summary.json").read_text())["bytes_up"] > 0
 
 
 def test_simulate_writes_a_complete_run_folder(tmp_path: Path, shared_partition: Path) -> None:
