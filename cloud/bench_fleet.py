@@ -35,18 +35,33 @@ def _partition(out: Path, agents: int, seed: int) -> Path:
     return path
 
 
-def measure(algo: str, codec: str, partition: Path, agents: int, per_round: int, rounds: int, workers: int,
-            broker: str) -> dict[str, Any]:
+def measure(
+    algo: str, codec: str, partition: Path, agents: int, per_round: int, rounds: int, workers: int, broker: str
+) -> dict[str, Any]:
     from cloud import fleet_sim
     from cloud.config import resolve
     from cloud.simulate import prepare
 
     hp = {"selection_rounds": 1} if algo == "fedcmd" else {}
-    cfg = resolve({}, {
-        "algo": algo, "dataset": "mnist5k", "partition": partition, "join_ratio": per_round / agents,
-        "global_epoch": rounds, "local_epoch": 1, "seed": 1, "test_gap": 0, "hp": hp, "transport": "mqtt",
-        "broker": broker, "workers": workers, "update_codec": codec, "threads": 1,
-    })
+    cfg = resolve(
+        {},
+        {
+            "algo": algo,
+            "dataset": "mnist5k",
+            "partition": partition,
+            "join_ratio": per_round / agents,
+            "global_epoch": rounds,
+            "local_epoch": 1,
+            "seed": 1,
+            "test_gap": 0,
+            "hp": hp,
+            "transport": "mqtt",
+            "broker": broker,
+            "workers": workers,
+            "update_codec": codec,
+            "threads": 1,
+        },
+    )
     stats: dict[str, Any] = {}
     result = fleet_sim.run_mqtt_simulation(prepare(cfg), stats_out=stats)
     recs = result.records[1:] if len(result.records) > 1 else result.records  # round 1 includes warm-up
@@ -54,10 +69,19 @@ def measure(algo: str, codec: str, partition: Path, agents: int, per_round: int,
     train = np.mean([r.facts.get("fit_seconds_max", 0.0) for r in recs])
     agg = np.mean([r.facts.get("aggregate_seconds", 0.0) for r in recs])
     return {
-        "algo": algo, "codec": codec, "agents": agents, "per_round": per_round, "rounds": rounds,
-        "round_s": wall, "train_s": train, "aggregate_s": agg, "transfer_s": max(0.0, wall - train - agg),
-        "bytes_down": np.mean([r.bytes_down for r in recs]), "bytes_up": np.mean([r.bytes_up for r in recs]),
-        "messages": stats.get("messages_per_round", 0.0), "chunks": stats.get("chunks_per_round", 0.0),
+        "algo": algo,
+        "codec": codec,
+        "agents": agents,
+        "per_round": per_round,
+        "rounds": rounds,
+        "round_s": wall,
+        "train_s": train,
+        "aggregate_s": agg,
+        "transfer_s": max(0.0, wall - train - agg),
+        "bytes_down": np.mean([r.bytes_down for r in recs]),
+        "bytes_up": np.mean([r.bytes_up for r in recs]),
+        "messages": stats.get("messages_per_round", 0.0),
+        "chunks": stats.get("chunks_per_round", 0.0),
         "coordinator_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "agents_per_worker": agents / max(1, stats.get("workers", 1)),
@@ -88,15 +112,33 @@ def fleet(
         print(json.dumps(rows, indent=2, default=float))
         return
     table = Table(title=f"fleet of {agents} MQTT agents, {per_round} per round (means over rounds 2..{rounds})")
-    cols = ("algo", "updates", "round s", "train s", "aggregate s", "transfer s", "KiB down", "KiB up",
-            "messages", "coordinator RSS MB", "worker RSS MB (agents)")
+    cols = (
+        "algo",
+        "updates",
+        "round s",
+        "train s",
+        "aggregate s",
+        "transfer s",
+        "KiB down",
+        "KiB up",
+        "messages",
+        "coordinator RSS MB",
+        "worker RSS MB (agents)",
+    )
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(
-            r["algo"], "fp32" if r["codec"] == "none" else r["codec"], f"{r['round_s']:.2f}", f"{r['train_s']:.2f}",
-            f"{r['aggregate_s']:.3f}", f"{r['transfer_s']:.2f}", f"{r['bytes_down'] / 1024:.0f}",
-            f"{r['bytes_up'] / 1024:.0f}", f"{r['messages']:.0f}", f"{r['coordinator_rss_mb']:.0f}",
+            r["algo"],
+            "fp32" if r["codec"] == "none" else r["codec"],
+            f"{r['round_s']:.2f}",
+            f"{r['train_s']:.2f}",
+            f"{r['aggregate_s']:.3f}",
+            f"{r['transfer_s']:.2f}",
+            f"{r['bytes_down'] / 1024:.0f}",
+            f"{r['bytes_up'] / 1024:.0f}",
+            f"{r['messages']:.0f}",
+            f"{r['coordinator_rss_mb']:.0f}",
             f"{r['worker_rss_mb']:.0f} ({r['agents_per_worker']:.0f})",
         )
     console.print(table)

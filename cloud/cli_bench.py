@@ -178,11 +178,30 @@ class _Steps:
 
 def _sizes(quick: bool) -> dict[str, Any]:
     if quick:  # seconds in total: for tests and a smoke check
-        return dict(copy=1 << 21, pw=(24, 64), pot_pairs=40, w1d=(40, 32, 20), sliced=(200, 150, 8, 20),
-                    agg=(4, 10, 50_000), cos=(8, 2048), rowwise=(8, 12, 40), vote_batches=6, fma=1 << 20)
-    return dict(copy=1 << 26, pw=(256, 1024), pot_pairs=600, w1d=(2000, 256, 200), sliced=(4000, 3000, 64, 200),
-                agg=(10, 100, 1 << 20), cos=(64, 1 << 18), rowwise=(100, 120, 400), vote_batches=64,
-                fma=1 << 28)
+        return dict(
+            copy=1 << 21,
+            pw=(24, 64),
+            pot_pairs=40,
+            w1d=(40, 32, 20),
+            sliced=(200, 150, 8, 20),
+            agg=(4, 10, 50_000),
+            cos=(8, 2048),
+            rowwise=(8, 12, 40),
+            vote_batches=6,
+            fma=1 << 20,
+        )
+    return dict(
+        copy=1 << 26,
+        pw=(256, 1024),
+        pot_pairs=600,
+        w1d=(2000, 256, 200),
+        sliced=(4000, 3000, 64, 200),
+        agg=(10, 100, 1 << 20),
+        cos=(64, 1 << 18),
+        rowwise=(100, 120, 400),
+        vote_batches=64,
+        fma=1 << 28,
+    )
 
 
 def run_kernel_bench(quick: bool = False, repeat: int = 5, progress: Progress | None = None) -> Report:
@@ -233,8 +252,15 @@ def copy_bandwidth(elements: int, repeat: int) -> float:
     return 2 * src.nbytes / (best_ms(lambda: np.copyto(dst, src), repeat) * 1e6)
 
 
-def _bench_pairwise(rep: Report, size: dict[str, Any], repeat: int, slow_repeat: int, rng: np.random.Generator,
-                    nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
+def _bench_pairwise(
+    rep: Report,
+    size: dict[str, Any],
+    repeat: int,
+    slow_repeat: int,
+    rng: np.random.Generator,
+    nat: Callable[..., Callable[[], Any] | None],
+    steps: _Steps,
+) -> None:
     import ot
     import scipy.stats
 
@@ -257,17 +283,38 @@ def _bench_pairwise(rep: Report, size: dict[str, Any], repeat: int, slow_repeat:
         traffic = S.nbytes + N * N * 8
         # seconds per run: timed on their own (a ratio of several hundred is not load-sensitive)
         pot_ms = scale * best_ms(lambda: [ot.wasserstein_1d(S[i], S[j], p=1) for i, j in sample], slow_repeat)
-        sp_ms = scale * best_ms(
-            lambda: [scipy.stats.wasserstein_distance(S[i], S[j]) for i, j in sample], slow_repeat
-        )
+        sp_ms = scale * best_ms(lambda: [scipy.stats.wasserstein_distance(S[i], S[j]) for i, j in sample], slow_repeat)
     note = f"per-pair time of {len(sample)} pairs x {len(pairs)} pairs"
     rep.rows += [
-        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "POT ot.wasserstein_1d per pair", pot_ms, traffic,
-            note),
-        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "scipy wasserstein_distance per pair", sp_ms,
-            traffic, note),
-        Row("wasserstein_pairwise", case, native_ms, fallback_ms, "NumPy sort-once + vectorised diff", sort_once_ms,
-            traffic),
+        Row(
+            "wasserstein_pairwise",
+            case,
+            native_ms,
+            fallback_ms,
+            "POT ot.wasserstein_1d per pair",
+            pot_ms,
+            traffic,
+            note,
+        ),
+        Row(
+            "wasserstein_pairwise",
+            case,
+            native_ms,
+            fallback_ms,
+            "scipy wasserstein_distance per pair",
+            sp_ms,
+            traffic,
+            note,
+        ),
+        Row(
+            "wasserstein_pairwise",
+            case,
+            native_ms,
+            fallback_ms,
+            "NumPy sort-once + vectorised diff",
+            sort_once_ms,
+            traffic,
+        ),
     ]
     x_pot = _ratio(pot_ms, native_ms)
     x_np = _ratio(sort_once_ms, native_ms)
@@ -286,8 +333,14 @@ def numpy_sort_once_pairwise(S: np.ndarray, block: int = 8) -> np.ndarray:
     return out
 
 
-def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                      nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
+def _bench_w1d_sliced(
+    rep: Report,
+    size: dict[str, Any],
+    repeat: int,
+    rng: np.random.Generator,
+    nat: Callable[..., Callable[[], Any] | None],
+    steps: _Steps,
+) -> None:
     import ot
 
     B, n, m = size["w1d"]
@@ -297,8 +350,9 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
     with steps.step(f"wasserstein_1d {case}"):
         # POT is batched along its second axis and wants normalised weights
         ut, vt = np.ascontiguousarray(u.T), np.ascontiguousarray(v.T)
-        uwt, vwt = np.ascontiguousarray((uw / uw.sum(1, keepdims=True)).T), np.ascontiguousarray(
-            (vw / vw.sum(1, keepdims=True)).T
+        uwt, vwt = (
+            np.ascontiguousarray((uw / uw.sum(1, keepdims=True)).T),
+            np.ascontiguousarray((vw / vw.sum(1, keepdims=True)).T),
         )
         t = compare_ms(
             {
@@ -310,8 +364,15 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         )
         native_ms, fallback_ms, pot_ms = t["native"], t["fallback"], t["pot"]
     rep.rows.append(
-        Row("wasserstein_1d", case, native_ms, fallback_ms, "POT ot.wasserstein_1d (batched)", pot_ms,
-            2 * (u.nbytes + v.nbytes) + B * 8)
+        Row(
+            "wasserstein_1d",
+            case,
+            native_ms,
+            fallback_ms,
+            "POT ot.wasserstein_1d (batched)",
+            pot_ms,
+            2 * (u.nbytes + v.nbytes) + B * 8,
+        )
     )
 
     n, m, d, L = size["sliced"]
@@ -329,8 +390,15 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         )
         native_ms, fallback_ms, pot_ms = t["native"], t["fallback"], t["pot"]
     rep.rows.append(
-        Row("sliced_wasserstein", case, native_ms, fallback_ms, "POT ot.sliced_wasserstein_distance", pot_ms,
-            X.nbytes + Y.nbytes + theta.nbytes)
+        Row(
+            "sliced_wasserstein",
+            case,
+            native_ms,
+            fallback_ms,
+            "POT ot.sliced_wasserstein_distance",
+            pot_ms,
+            X.nbytes + Y.nbytes + theta.nbytes,
+        )
     )
 
 
@@ -338,8 +406,14 @@ def _bench_w1d_sliced(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
 POOL_SETTLE = 0.15
 
 
-def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                     nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
+def _bench_aggregate(
+    rep: Report,
+    size: dict[str, Any],
+    repeat: int,
+    rng: np.random.Generator,
+    nat: Callable[..., Callable[[], Any] | None],
+    steps: _Steps,
+) -> None:
     import torch
 
     K, N, P = size["agg"]
@@ -373,8 +447,9 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     native32_k1, native16_k1, fallback16_k1 = t["native32_k1"], t["native16_k1"], t["fallback16_k1"]
     traffic32 = N * P * 4 + out_bytes
     rep.rows += [
-        Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms,
-            traffic32),
+        Row(
+            "weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms, traffic32
+        ),
         Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy np.stack + matmul", stack_ms, traffic32),
     ]
     with steps.step(f"weighted_aggregate bfloat16 {case}"):
@@ -396,12 +471,33 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     traffic16 = N * P * 2 + out_bytes
     case1 = f"K=1 (FedAvg), N={N} x {P:,}"
     rep.rows += [
-        Row("weighted_aggregate", case1 + " f16", native16_k1, fallback16_k1, "float32 buffers, same backend",
-            native32_k1 if native32_k1 is not None else fallback32, N * P * 2 + P * 4),
-        Row("weighted_aggregate", case + " f16", native16, fallback16, "float32 buffers, same backend",
-            native32 if native32 is not None else fallback32, traffic16),
-        Row("weighted_aggregate", case + " bf16", native_bf, fallback_bf, "torch bf16 stack + matmul", torch_bf,
-            traffic16),
+        Row(
+            "weighted_aggregate",
+            case1 + " f16",
+            native16_k1,
+            fallback16_k1,
+            "float32 buffers, same backend",
+            native32_k1 if native32_k1 is not None else fallback32,
+            N * P * 2 + P * 4,
+        ),
+        Row(
+            "weighted_aggregate",
+            case + " f16",
+            native16,
+            fallback16,
+            "float32 buffers, same backend",
+            native32 if native32 is not None else fallback32,
+            traffic16,
+        ),
+        Row(
+            "weighted_aggregate",
+            case + " bf16",
+            native_bf,
+            fallback_bf,
+            "torch bf16 stack + matmul",
+            torch_bf,
+            traffic16,
+        ),
     ]
     near = _ratio(native32, pre_ms)
     x_stack = _ratio(stack_ms, native32)
@@ -413,22 +509,35 @@ def _bench_aggregate(rep: Report, size: dict[str, Any], repeat: int, rng: np.ran
     floor_ms = K * N * P / (rep.fma_gflops * 1e6) if rep.fma_gflops else None
     bound = ""
     if floor_ms is not None and native32 is not None and native16 is not None:
-        bound = (f"multiply-add floor {floor_ms:.1f} ms at the measured {rep.fma_gflops:.1f} G/s: f32 is at "
-                 f"{floor_ms / native32:.0%} of peak, f16 at {floor_ms / native16:.0%}; the best f16 can reach "
-                 f"is {native32 / floor_ms:.2f}x")
+        bound = (
+            f"multiply-add floor {floor_ms:.1f} ms at the measured {rep.fma_gflops:.1f} G/s: f32 is at "
+            f"{floor_ms / native32:.0%} of peak, f16 at {floor_ms / native16:.0%}; the best f16 can reach "
+            f"is {native32 / floor_ms:.2f}x"
+        )
     rep.targets += [
         Target("aggregate f32: native / (w @ X pre-stacked)", near, "<= 1.10", None if near is None else near <= 1.10),
-        Target("aggregate f32: (np.stack + matmul) / native", x_stack, ">= 5x",
-               None if x_stack is None else x_stack >= 5),
+        Target(
+            "aggregate f32: (np.stack + matmul) / native", x_stack, ">= 5x", None if x_stack is None else x_stack >= 5
+        ),
         Target("aggregate: f32 native / f16 native", x16, ">= 1.6x", None if x16 is None else x16 >= 1.6, bound),
         Target("aggregate: f32 native / bf16 native", xbf, ">= 1.6x", None if xbf is None else xbf >= 1.6),
-        Target("aggregate K=1 (memory-bound): f32 native / f16 native", x16_k1, ">= 1.6x",
-               None if x16_k1 is None else x16_k1 >= 1.6),
+        Target(
+            "aggregate K=1 (memory-bound): f32 native / f16 native",
+            x16_k1,
+            ">= 1.6x",
+            None if x16_k1 is None else x16_k1 >= 1.6,
+        ),
     ]
 
 
-def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.random.Generator,
-                      nat: Callable[..., Callable[[], Any] | None], steps: _Steps) -> None:
+def _bench_similarity(
+    rep: Report,
+    size: dict[str, Any],
+    repeat: int,
+    rng: np.random.Generator,
+    nat: Callable[..., Callable[[], Any] | None],
+    steps: _Steps,
+) -> None:
     import torch
     import torch.nn.functional as F
 
@@ -452,8 +561,15 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
-        Row("cosine_similarity_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity", torch_ms,
-            A.nbytes + N * N * 8)
+        Row(
+            "cosine_similarity_matrix",
+            case,
+            native_ms,
+            fallback_ms,
+            "torch F.cosine_similarity",
+            torch_ms,
+            A.nbytes + N * N * 8,
+        )
     )
 
     N, r, c = size["rowwise"]
@@ -476,8 +592,15 @@ def _bench_similarity(rep: Report, size: dict[str, Any], repeat: int, rng: np.ra
         )
         native_ms, fallback_ms, torch_ms = t["native"], t["fallback"], t["torch"]
     rep.rows.append(
-        Row("rowwise_mean_cosine_matrix", case, native_ms, fallback_ms, "torch F.cosine_similarity + mean", torch_ms,
-            N * r * c * 4 + N * N * 8)
+        Row(
+            "rowwise_mean_cosine_matrix",
+            case,
+            native_ms,
+            fallback_ms,
+            "torch F.cosine_similarity + mean",
+            torch_ms,
+            N * r * c * 4 + N * N * 8,
+        )
     )
 
 
@@ -532,8 +655,9 @@ def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
     def run(with_hook: bool) -> float:
         inside[0], calls[0] = 0.0, 0
         start = time.perf_counter()
-        train_epochs(model, x, y, opt, 1, 32, torch.Generator().manual_seed(1), hook if with_hook else None,
-                     hook_every=every)
+        train_epochs(
+            model, x, y, opt, 1, 32, torch.Generator().manual_seed(1), hook if with_hook else None, hook_every=every
+        )
         return time.perf_counter() - start
 
     run(False)  # warm-up
@@ -568,25 +692,49 @@ def render(rep: Report, console: Console) -> None:
         ),
     )
     for col, just in [
-        ("kernel", "left"), ("case", "left"), ("native ms", "right"), ("fallback ms", "right"),
-        ("baseline", "left"), ("baseline ms", "right"), ("x fallback", "right"), ("x baseline", "right"),
-        ("GB/s", "right"), ("% copy BW", "right"),
+        ("kernel", "left"),
+        ("case", "left"),
+        ("native ms", "right"),
+        ("fallback ms", "right"),
+        ("baseline", "left"),
+        ("baseline ms", "right"),
+        ("x fallback", "right"),
+        ("x baseline", "right"),
+        ("GB/s", "right"),
+        ("% copy BW", "right"),
     ]:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rep.rows:
         g = r.gbps()
         table.add_row(
-            r.kernel, r.case, _fmt(r.native_ms, ".3f"), _fmt(r.fallback_ms, ".3f"), r.baseline,
-            _fmt(r.baseline_ms, ".3f"), _fmt(r.vs_fallback, ".1f", "x"), _fmt(r.vs_baseline, ".1f", "x"),
-            _fmt(g, ".1f"), _fmt(100 * g / rep.copy_gbps if g and rep.copy_gbps else None, ".0f", "%"),
+            r.kernel,
+            r.case,
+            _fmt(r.native_ms, ".3f"),
+            _fmt(r.fallback_ms, ".3f"),
+            r.baseline,
+            _fmt(r.baseline_ms, ".3f"),
+            _fmt(r.vs_fallback, ".1f", "x"),
+            _fmt(r.vs_baseline, ".1f", "x"),
+            _fmt(g, ".1f"),
+            _fmt(100 * g / rep.copy_gbps if g and rep.copy_gbps else None, ".0f", "%"),
         )
     v = rep.vote
-    case = (f"LeNet-5, batch 32, {int(v['batches'])} batches, a vote every {int(v['vote_every'])} "
-            "(the default), torch 1 thread")
+    case = (
+        f"LeNet-5, batch 32, {int(v['batches'])} batches, a vote every {int(v['vote_every'])} "
+        "(the default), torch 1 thread"
+    )
     per_batch = v["train_ms"] / v["batches"]
     table.add_row(
-        "FedCMD vote", case, _fmt(v["vote_ms"], ".3f"), "—", "local training (per batch)",
-        _fmt(per_batch, ".3f"), "—", "—", "—", "—",
+        "FedCMD vote",
+        case,
+        _fmt(v["vote_ms"], ".3f"),
+        "—",
+        "local training (per batch)",
+        _fmt(per_batch, ".3f"),
+        "—",
+        "—",
+        "—",
+        "—",
     )
     console.print(table)
     for t in rep.targets:
@@ -608,8 +756,12 @@ def kernels_cmd(
 ) -> None:
     """Native kernels vs the NumPy fallback vs the named baselines, with ratios and GB/s."""
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=_err, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_err,
+        transient=True,
     ) as progress:
         rep = run_kernel_bench(quick=quick, repeat=repeat, progress=progress)
     if as_json:
