@@ -43,8 +43,9 @@ def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> 
     for cid in cids:
         offline = json.dumps({"state": "offline", "client": cid}).encode()
         try:
-            transport = MqttTransport(url, f"{FLEET}-agent-{cid}", will=(presence_topic(FLEET, cid), offline, True),
-                                      connect_timeout=30.0)
+            transport = MqttTransport(
+                url, f"{FLEET}-agent-{cid}", will=(presence_topic(FLEET, cid), offline, True), connect_timeout=30.0
+            )
         except TransportError as e:  # one line, not a worker traceback; the parent reports the exit code
             print(f"agent worker: {e}", file=sys.stderr)
             sys.exit(WORKER_UNAVAILABLE)
@@ -123,4 +124,3 @@ def run_mqtt_simulation(
                 os.kill(proc.pid, signal.SIGKILL)
         if broker is not None:
             broker.stop()
-
