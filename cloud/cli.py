@@ -125,8 +125,10 @@ def simulate(
         None, "--clip-factor", "--clip_factor", help="clip update norms to this x the median norm (3.0; 0 = off)"
     ),
     attackers: Optional[int] = typer.Option(
-        None, "--attackers", help="this many simulated devices are malicious (chosen with --seed); over MQTT "
-        "give --round-deadline too: a rejected attacker never answers"
+        None,
+        "--attackers",
+        help="this many simulated devices are malicious (chosen with --seed); over MQTT "
+        "give --round-deadline too: a rejected attacker never answers",
     ),
     attack: Optional[str] = typer.Option(
         None, "--attack", help="what attackers send: scale, signflip, noise or nan (cloud/attacks.py)"
@@ -155,7 +157,14 @@ def simulate(
     from fedcmd_core.data import DataError
 
     for flag in (
-        "eval_test", "eval_train", "use_cuda", "global_testset", "save_log", "save_model", "save_fig", "save_metrics"
+        "eval_test",
+        "eval_train",
+        "use_cuda",
+        "global_testset",
+        "save_log",
+        "save_model",
+        "save_fig",
+        "save_metrics",
     ):
         if cli_values[flag] is not None:
             cli_values[flag] = bool(cli_values[flag])
@@ -194,7 +203,9 @@ def simulate(
         status = f"round {record.round + 1}: acc {acc:.2f}%" if acc is not None else ""
         progress.update(state["task"], advance=1, status=status)
         logging.getLogger("fedcmd.rounds").info(
-            "round %d (%s): %s", record.round + 1, record.phase,
+            "round %d (%s): %s",
+            record.round + 1,
+            record.phase,
             " ".join(f"{k}={v:.4f}" for k, v in sorted(record.metrics.items())),
         )
         state.setdefault("rows", []).append(record)
