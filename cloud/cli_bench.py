@@ -437,6 +437,7 @@ def _bench_aggregate(
                 "fallback16": lambda: fallback.weighted_aggregate(W, h, np.float32),
                 "native32_k1": nat("weighted_aggregate", W1, bufs, np.float32),
                 "native16_k1": nat("weighted_aggregate", W1, h, np.float32),
+                "fallback32_k1": lambda: fallback.weighted_aggregate(W1, bufs, np.float32),
                 "fallback16_k1": lambda: fallback.weighted_aggregate(W1, h, np.float32),
             },
             repeat,
@@ -444,7 +445,8 @@ def _bench_aggregate(
         )
     native32, native16, pre_ms, stack_ms = t["native32"], t["native16"], t["pre"], t["stack"]
     fallback32, fallback16 = t["fallback32"], t["fallback16"]
-    native32_k1, native16_k1, fallback16_k1 = t["native32_k1"], t["native16_k1"], t["fallback16_k1"]
+    native32_k1, native16_k1 = t["native32_k1"], t["native16_k1"]
+    fallback32_k1, fallback16_k1 = t["fallback32_k1"], t["fallback16_k1"]
     traffic32 = N * P * 4 + out_bytes
     rep.rows += [
         Row(
@@ -477,7 +479,7 @@ def _bench_aggregate(
             native16_k1,
             fallback16_k1,
             "float32 buffers, same backend",
-            native32_k1 if native32_k1 is not None else fallback32,
+            native32_k1 if native32_k1 is not None else fallback32_k1,
             N * P * 2 + P * 4,
         ),
         Row(
