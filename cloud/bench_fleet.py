@@ -2,15 +2,22 @@
 
 For FedCMD and FedAvg, with fp32 and fp16 updates: wall time per round split into training (the
 slowest device), aggregation (the cloud) and transfer (the rest: framing, broker, waiting), bytes up
-and down per round, MQTT messages through the coordinator's connection, and peak RSS of the
-coordinator and of an agent worker process.
+and down per round, MQTT messages through the coordinator's connection, and the peak RSS of the
+coordinator and of the largest agent worker process, each row against the FedAvg fp32 row (ratios).
+
+Each row runs in processes of its own: a fresh process for the coordinator and fresh agent workers,
+whose peaks are read from ``/proc/<pid>/status`` (``VmHWM``) before they exit. A process's peak RSS is
+a lifetime high-water mark, so rows measured in one process (and ``RUSAGE_CHILDREN``, the largest child
+ever waited for) all showed the first row's peak.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,9 @@ from rich.table import Table
 from cloud.cli_bench import bench_app
 
 console = Console()
+progress = Console(stderr=True)  # the "measuring ..." lines: --json output stays clean
+BASELINE = ("fedavg", "none")  # the row every other row is divided by
+RATIO_KEYS = ("round_s", "train_s", "bytes_down", "bytes_up", "messages", "coordinator_rss_mb", "worker_rss_mb")
 
 
 def _partition(out: Path, agents: int, seed: int) -> Path:
@@ -64,6 +74,7 @@ def measure(
     )
     stats: dict[str, Any] = {}
     result = fleet_sim.run_mqtt_simulation(prepare(cfg), stats_out=stats)
+    worker_peaks = stats.get("worker_peak_rss_mb") or []  # empty without /proc: the column says n/a
     recs = result.records[1:] if len(result.records) > 1 else result.records  # round 1 includes warm-up
     wall = np.mean([r.seconds for r in recs])
     train = np.mean([r.facts.get("fit_seconds_max", 0.0) for r in recs])
@@ -82,10 +93,38 @@ def measure(
         "bytes_up": np.mean([r.bytes_up for r in recs]),
         "messages": stats.get("messages_per_round", 0.0),
         "chunks": stats.get("chunks_per_round", 0.0),
-        "coordinator_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        # Peaks of this process and of this run's workers: call measure in a fresh process (measure_fresh).
+        "coordinator_rss_mb": fleet_sim.peak_rss_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_rss_mb": max(worker_peaks) if worker_peaks else np.nan,
         "agents_per_worker": agents / max(1, stats.get("workers", 1)),
     }
+
+
+def measure_fresh(
+    algo: str, codec: str, partition: Path, agents: int, per_round: int, rounds: int, workers: int, broker: str
+) -> dict[str, Any]:
+    """:func:`measure` in a new process, so its coordinator peak RSS is this row's alone."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(measure, algo, codec, partition, agents, per_round, rounds, workers, broker).result()
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_fedavg_fp32``: each of :data:`RATIO_KEYS` of a row divided by the FedAvg fp32 row's (None
+    without that row, or where its value is 0 or unknown)."""
+    base = next((r for r in rows if (r["algo"], r["codec"]) == BASELINE), None)
+
+    def ratio(r: dict[str, Any], k: str) -> float | None:
+        if base is None or not base[k] or not np.isfinite(base[k]) or not np.isfinite(r[k]):
+            return None
+        return float(r[k] / base[k])
+
+    for r in rows:
+        r["vs_fedavg_fp32"] = {k: ratio(r, k) for k in RATIO_KEYS}
+
+
+def _with_ratio(r: dict[str, Any], key: str, text: str) -> str:
+    ratio = r["vs_fedavg_fp32"][key]
+    return text if ratio is None else f"{text} ({ratio:.2f}x)"
 
 
 @bench_app.command("fleet")
@@ -104,14 +143,23 @@ def fleet(
     rows = []
     for algo in ("fedcmd", "fedavg"):
         for codec in ("none", "fp16"):
-            console.print(f"[cyan]measuring {algo} ({codec}) with {agents} agents ...", highlight=False)
+            progress.print(f"[cyan]measuring {algo} ({codec}) with {agents} agents ...", highlight=False)
             started = time.perf_counter()
-            rows.append(measure(algo, codec, partition, agents, per_round, rounds, workers, broker))
+            rows.append(measure_fresh(algo, codec, partition, agents, per_round, rounds, workers, broker))
             rows[-1]["total_s"] = time.perf_counter() - started
+    add_ratios(rows)
     if as_json:
         print(json.dumps(rows, indent=2, default=float))
         return
-    table = Table(title=f"fleet of {agents} MQTT agents, {per_round} per round (means over rounds 2..{rounds})")
+    console.print(render(rows, agents, per_round, rounds))
+
+
+def render(rows: list[dict[str, Any]], agents: int, per_round: int, rounds: int) -> Table:
+    """The table ``fedcmd bench fleet`` prints (rows with :func:`add_ratios` applied)."""
+    table = Table(
+        title=f"fleet of {agents} MQTT agents, {per_round} per round (means over rounds 2..{rounds})",
+        caption="(N.NNx): this row / the FedAvg fp32 row; RSS: peak of this row's own processes",
+    )
     cols = (
         "algo",
         "updates",
@@ -123,7 +171,8 @@ def fleet(
         "KiB up",
         "messages",
         "coordinator RSS MB",
-        "worker RSS MB (agents)",
+        "worker RSS MB",
+        "agents / worker",
     )
     for c in cols:
         table.add_column(c, justify="right")
@@ -131,14 +180,15 @@ def fleet(
         table.add_row(
             r["algo"],
             "fp32" if r["codec"] == "none" else r["codec"],
-            f"{r['round_s']:.2f}",
-            f"{r['train_s']:.2f}",
+            _with_ratio(r, "round_s", f"{r['round_s']:.2f}"),
+            _with_ratio(r, "train_s", f"{r['train_s']:.2f}"),
             f"{r['aggregate_s']:.3f}",
             f"{r['transfer_s']:.2f}",
-            f"{r['bytes_down'] / 1024:.0f}",
-            f"{r['bytes_up'] / 1024:.0f}",
+            _with_ratio(r, "bytes_down", f"{r['bytes_down'] / 1024:.0f}"),
+            _with_ratio(r, "bytes_up", f"{r['bytes_up'] / 1024:.0f}"),
             f"{r['messages']:.0f}",
-            f"{r['coordinator_rss_mb']:.0f}",
-            f"{r['worker_rss_mb']:.0f} ({r['agents_per_worker']:.0f})",
+            _with_ratio(r, "coordinator_rss_mb", f"{r['coordinator_rss_mb']:.1f}"),
+            _with_ratio(r, "worker_rss_mb", f"{r['worker_rss_mb']:.1f}"),
+            f"{r['agents_per_worker']:.0f}",
         )
-    console.print(table)
+    return table

@@ -62,6 +62,21 @@ def _worker(cfg_json: str, url: str, cids: list[int], ready: Any, stop: Any) -> 
         t.close()
 
 
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """Peak resident set size of one live process so far (Linux ``VmHWM``), MB; None where /proc lacks it.
+
+    Per process, unlike ``getrusage(RUSAGE_CHILDREN).ru_maxrss``, which is the largest of every child
+    ever waited for: a second fleet's workers would report the first fleet's peak."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def run_mqtt_simulation(
     p: Prepared,
     on_round: Callable[[RoundRecord], None] | None = None,
@@ -109,8 +124,10 @@ def run_mqtt_simulation(
         result = run_coordinator(p, transport, on_round, on_start, started, registration_timeout=120)
         if stats_out is not None:
             rounds = max(1, len(result.records))
+            peaks = [peak_rss_mb(proc.pid) for proc in procs if proc.pid is not None]  # alive: stop is not set
             stats_out.update(
                 workers=len(procs),
+                worker_peak_rss_mb=[x for x in peaks if x is not None],
                 messages_per_round=(transport.stats["messages_out"] + transport.stats["messages_in"]) / rounds,
                 chunks_per_round=(transport.stats["chunks_out"] + transport.stats["chunks_in"]) / rounds,
             )
