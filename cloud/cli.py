@@ -40,6 +40,7 @@ def _mount_subcommands() -> None:
     for module, attr, name, help_text in SUBCOMMANDS:
         app.add_typer(getattr(importlib.import_module(module), attr), name=name, help=help_text)
     importlib.import_module("cloud.bench_fleet")  # adds `bench fleet` to the bench sub-app
+    importlib.import_module("cloud.bench_partition")  # adds `bench partition`
     importlib.import_module("cloud.cli_experiment")  # adds the `experiment` command to the main app
 
 

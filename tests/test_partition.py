@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,13 +86,12 @@ def test_same_seed_same_partition_other_seed_differs(balanced: Dataset) -> None:
 
 def test_impossible_least_samples_fails_fast_with_a_hint_that_works(mnist5k: Dataset) -> None:
     # The reference would loop forever: 100 samples per client on average, alpha 0.1, least 40.
+    # It gives up after max_redraws draws (how long that takes is `fedcmd bench partition`'s business).
     args = PartitionArgs(client_num=50, alpha=0.1, least_samples=40, max_redraws=300)
-    start = time.perf_counter()
     with pytest.raises(DataError) as info:
         make_partition(mnist5k, args)
-    assert time.perf_counter() - start < 5
     message = str(info.value)
-    assert "\n" not in message and "--alpha" in message
+    assert "\n" not in message and "--alpha" in message and "in 300 draws" in message
     hinted = int(re.search(r"--least_samples (\d+)", message).group(1))
     assert 0 < hinted < 40
     args.least_samples = hinted  # the hint is the best draw seen, so the same seed must succeed
