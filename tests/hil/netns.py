@@ -104,8 +104,10 @@ def remove_leftovers() -> list[str]:
 
 def _free_subnet(pid: int) -> ipaddress.IPv4Network:
     """A /24 in 10/8 that no address or route of the root namespace touches (derived from the pid)."""
-    used = ip("-4", "-o", "addr", "show", check=False).stdout + ip("-4", "route", "show", "table", "all",
-                                                                  check=False).stdout
+    used = (
+        ip("-4", "-o", "addr", "show", check=False).stdout
+        + ip("-4", "route", "show", "table", "all", check=False).stdout
+    )
     taken = [ipaddress.ip_network(w, strict=False) for w in re.findall(r"\b\d+\.\d+\.\d+\.\d+/\d+\b", used)]
     for step in range(4096):
         n = (pid + step * 7919) % (150 * 256)

@@ -38,8 +38,7 @@ class LimitsWarning(UserWarning):
 
 def _runner(ns: str, confinement: Confinement) -> Runner:
     def run(argv: Sequence[str], input: bytes | None, timeout: float) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(confinement.wrap(exec_argv(ns, argv)), input=input, capture_output=True,
-                              timeout=timeout)
+        return subprocess.run(confinement.wrap(exec_argv(ns, argv)), input=input, capture_output=True, timeout=timeout)
 
     return run
 
@@ -77,8 +76,17 @@ class NetnsFleet(FleetUnderTest):
             for k, profile in enumerate(profiles):
                 conf = backend.confine(f"{limits.PREFIX}{os.getpid()}-d{k}", limits.budget_for(profile))
                 confinements.append(conf)
-                devices.append(Device(k, profile, str(workdir / f"state-{k}"), _runner(topo.device_ns[k], conf),
-                                      ns=topo.device_ns[k], confinement=conf, log_path=workdir / f"agent-{k}.log"))
+                devices.append(
+                    Device(
+                        k,
+                        profile,
+                        str(workdir / f"state-{k}"),
+                        _runner(topo.device_ns[k], conf),
+                        ns=topo.device_ns[k],
+                        confinement=conf,
+                        log_path=workdir / f"agent-{k}.log",
+                    )
+                )
         except BaseException:
             if watcher is not None:
                 watcher.close()
@@ -88,8 +96,20 @@ class NetnsFleet(FleetUnderTest):
             for c in confinements:
                 c.remove()
             raise
-        fleet = cls("netns", FLEET, broker.url, devices, watcher, NETNS_RUN, [str(BIN / "fedcmd-edge")],
-                    topo=topo, broker=broker, partition=partition, workdir=workdir, backend=backend)
+        fleet = cls(
+            "netns",
+            FLEET,
+            broker.url,
+            devices,
+            watcher,
+            NETNS_RUN,
+            [str(BIN / "fedcmd-edge")],
+            topo=topo,
+            broker=broker,
+            partition=partition,
+            workdir=workdir,
+            backend=backend,
+        )
         fleet._describe(removed, notes)
         try:
             fleet._start_agents()
@@ -100,17 +120,25 @@ class NetnsFleet(FleetUnderTest):
 
     def _describe(self, removed: list[str], notes: list[str]) -> None:
         assert self.topo is not None
-        self.report.append(f"namespace fleet {self.topo.tag}: broker {self.broker_url}, "
-                           f"{len(self.devices)} devices on a bridge in {self.topo.broker_ns}")
+        self.report.append(
+            f"namespace fleet {self.topo.tag}: broker {self.broker_url}, "
+            f"{len(self.devices)} devices on a bridge in {self.topo.broker_ns}"
+        )
         for d in self.devices:
             assert d.confinement is not None
             self.report.append(f"device {d.id} ({d.profile}, netns {d.ns}): {d.confinement.describe()}")
             if not any(e.startswith("memory") for e in d.confinement.enforced):
-                warnings.warn(LimitsWarning(f"device {d.id} ({d.profile}): its {d.profile} memory budget is NOT "
-                                            f"enforced here ({d.confinement.mechanism})"), stacklevel=2)
+                warnings.warn(
+                    LimitsWarning(
+                        f"device {d.id} ({d.profile}): its {d.profile} memory budget is NOT "
+                        f"enforced here ({d.confinement.mechanism})"
+                    ),
+                    stacklevel=2,
+                )
         self.report.extend(f"not used: {n}" for n in notes)
-        self.report.append(f"agents train with 1 torch thread: {len(self.devices)} devices share this machine's "
-                           f"{os.cpu_count()} cores")
+        self.report.append(
+            f"agents train with 1 torch thread: {len(self.devices)} devices share this machine's {os.cpu_count()} cores"
+        )
         if removed:
             self.report.append(f"removed leftovers of dead runs: {', '.join(removed)}")
 
@@ -118,24 +146,56 @@ class NetnsFleet(FleetUnderTest):
         assert self.partition is not None
         for d in self.devices:
             assert d.confinement is not None and d.ns is not None and d.log_path is not None
-            argv = [*self.edge_cmd, "run", "--broker", self.broker_url, "--client-id", str(d.id),
-                    "--data", str(self.partition), "-d", DATASET, "--state-dir", d.state_dir, "--fleet", self.name,
-                    "--profile", d.profile, "--threads", "1", "--wait", "900"]
+            argv = [
+                *self.edge_cmd,
+                "run",
+                "--broker",
+                self.broker_url,
+                "--client-id",
+                str(d.id),
+                "--data",
+                str(self.partition),
+                "-d",
+                DATASET,
+                "--state-dir",
+                d.state_dir,
+                "--fleet",
+                self.name,
+                "--profile",
+                d.profile,
+                "--threads",
+                "1",
+                "--wait",
+                "900",
+            ]
             with open(d.log_path, "ab") as log:
-                proc = subprocess.Popen(d.confinement.wrap(tied(exec_argv(d.ns, argv))), stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    d.confinement.wrap(tied(exec_argv(d.ns, argv))),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             self._procs.append(proc)
             d.pid = proc.pid  # sh, setpriv and ip netns exec all exec: this is the agent's pid
 
     # ------------------------------------------------------------------------------------ operations
     def coordinator(self, workdir: Path, rounds: int, **settings: Any) -> CoordinatorRun:
         assert self.topo is not None
-        base = {"fleet": self.name, "broker": self.broker_url, "join_ratio": 1.0, "min_clients": 1,
-                "round_deadline": 30.0, "wait_clients": len(self.devices), "registration_timeout": 300.0,
-                "run": self.run_spec}
+        base = {
+            "fleet": self.name,
+            "broker": self.broker_url,
+            "join_ratio": 1.0,
+            "min_clients": 1,
+            "round_deadline": 30.0,
+            "wait_clients": len(self.devices),
+            "registration_timeout": 300.0,
+            "run": self.run_spec,
+        }
         self.watcher.forget_status()
-        run = CoordinatorRun(serve_config(base, workdir, rounds, **settings), workdir,
-                             prefix=tied(exec_argv(self.topo.broker_ns, [])))
+        run = CoordinatorRun(
+            serve_config(base, workdir, rounds, **settings), workdir, prefix=tied(exec_argv(self.topo.broker_ns, []))
+        )
         self._runs.append(run)
         return run
 

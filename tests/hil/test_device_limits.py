@@ -39,8 +39,7 @@ def test_memory_limit_is_enforced_by_the_kernel(fleet: FleetUnderTest) -> None:
     fits = subprocess.run(conf.wrap([sys.executable, "-c", "b = b'x' * (8 << 20)"]), capture_output=True, timeout=60)
     assert fits.returncode == 0, fits.stderr.decode()[-2000:]
     # Touch every page: 256 MB written under a 64 MB limit must be OOM-killed, not swapped or allowed.
-    over = subprocess.run(conf.wrap([sys.executable, "-c", "b = b'x' * (256 << 20)"]), capture_output=True,
-                          timeout=60)
+    over = subprocess.run(conf.wrap([sys.executable, "-c", "b = b'x' * (256 << 20)"]), capture_output=True, timeout=60)
     assert over.returncode == -9, f"256 MB under a 64 MB limit: exit {over.returncode} {over.stderr[-500:]!r}"
 
 
@@ -51,11 +50,22 @@ def _too_big_run(budget_mb: int) -> dict[str, object]:
 
     model = build_model("res18", (1, 28, 28), 10, seed=0)
     batch = 64
-    while estimate_for_model(model, (1, 28, 28), batch, 0, momentum=False,
-                             runtime_mb=RUNTIME_OVERHEAD_CUDA_BUILD_MB).total_mb < 1.2 * budget_mb:
+    while (
+        estimate_for_model(
+            model, (1, 28, 28), batch, 0, momentum=False, runtime_mb=RUNTIME_OVERHEAD_CUDA_BUILD_MB
+        ).total_mb
+        < 1.2 * budget_mb
+    ):
         batch *= 2
-    return {"algo": "fedavg", "model": "res18", "input_shape": [1, 28, 28], "num_classes": 10, "num_clients": 50,
-            "global_epoch": 1, "batch_size": batch}
+    return {
+        "algo": "fedavg",
+        "model": "res18",
+        "input_shape": [1, 28, 28],
+        "num_classes": 10,
+        "num_clients": 50,
+        "global_epoch": 1,
+        "batch_size": batch,
+    }
 
 
 def test_agent_refuses_a_run_its_memory_budget_cannot_hold(fleet: FleetUnderTest, tmp_path: Path) -> None:
@@ -72,10 +82,29 @@ def test_agent_refuses_a_run_its_memory_budget_cannot_hold(fleet: FleetUnderTest
     finally:
         probe.close()
     device = fleet.devices[0]
-    proc = device.run([*fleet.edge_cmd, "run", "--broker", fleet.broker_url, "--client-id", "0",
-                       "--data", str(fleet.partition), "-d", "mnist5k",  # type: ignore[attr-defined]
-                       "--state-dir", str(tmp_path / "state"), "--fleet", scratch, "--profile", smallest.name,
-                       "--wait", "60"], timeout=180)
+    proc = device.run(
+        [
+            *fleet.edge_cmd,
+            "run",
+            "--broker",
+            fleet.broker_url,
+            "--client-id",
+            "0",
+            "--data",
+            str(fleet.partition),
+            "-d",
+            "mnist5k",  # type: ignore[attr-defined]
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--fleet",
+            scratch,
+            "--profile",
+            smallest.name,
+            "--wait",
+            "60",
+        ],
+        timeout=180,
+    )
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode == 2, f"the agent did not refuse (exit {proc.returncode}):\n{err[-3000:]}"
     assert f"profile {smallest.name} has a {smallest.memory_mb} MB memory budget" in " ".join(err.split()), err
