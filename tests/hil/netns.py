@@ -73,6 +73,45 @@ def _pid_alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
 
+NETNS_RUN_DIR = "/var/run/netns"  # where ``ip netns add`` bind-mounts a namespace (iproute2's NETNS_RUN_DIR)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs: /proc/<pid> also exists for a process that died and was not reaped yet
+    (a zombie, state Z), which has no namespaces left to look at."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # the field after "(comm)"; comm may hold spaces
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def in_namespace(pid: int, ns: str) -> bool:
+    """Whether process ``pid`` is in network namespace ``ns``: its /proc/<pid>/ns/net is the namespace
+    bind-mounted at /var/run/netns/<ns> (same nsfs device and inode; what ``ip netns identify`` compares,
+    without its silent empty answer for a process that has not entered a namespace yet, or is gone)."""
+    try:
+        mine = os.stat(f"/proc/{pid}/ns/net")
+        named = os.stat(f"{NETNS_RUN_DIR}/{ns}")
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
+def wait_in_namespace(pid: int, ns: str, timeout: float = 30.0) -> bool:
+    """Wait until ``pid`` has entered ``ns``; False when it died first or ``timeout`` passed.
+
+    A command started as ``sh -c ... exec`` -> ``setpriv`` -> ``ip netns exec ns ...`` keeps its pid but
+    sits in the parent's namespace for the first milliseconds, until ``ip netns exec`` has called setns."""
+    end = time.monotonic() + timeout
+    while not in_namespace(pid, ns):
+        if not running(pid) or time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def kill_namespace_processes(ns: str) -> None:
     """SIGKILL whatever still runs in ``ns`` (our namespaces hold only our processes)."""
     pids = ip("netns", "pids", ns, check=False).stdout.split()

@@ -178,6 +178,12 @@ class NetnsFleet(FleetUnderTest):
                 )
             self._procs.append(proc)
             d.pid = proc.pid  # sh, setpriv and ip netns exec all exec: this is the agent's pid
+        # Until `ip netns exec` has run, an agent's pid is in the root namespace (`ip netns identify` said
+        # "" to a test that ran at once): hand out the fleet only when every agent is in its namespace.
+        for d in self.devices:
+            assert d.pid is not None and d.ns is not None
+            if not netns.wait_in_namespace(d.pid, d.ns):
+                raise RuntimeError(f"agent {d.id} did not enter netns {d.ns}:\n{self.explain()}")
 
     # ------------------------------------------------------------------------------------ operations
     def coordinator(self, workdir: Path, rounds: int, **settings: Any) -> CoordinatorRun:
@@ -230,7 +236,7 @@ class NetnsFleet(FleetUnderTest):
     def explain(self) -> str:
         parts = []
         for d in self.devices:
-            state = "running" if d.pid and os.path.exists(f"/proc/{d.pid}") else "NOT running"
+            state = "running" if d.pid and netns.running(d.pid) else "NOT running"
             parts.append(f"--- agent {d.id} ({state}) {d.log_path}:\n{_tail(d.log_path)}")
         if self.broker is not None:
             parts.append(f"--- broker {self.broker.log_path}:\n{self.broker.log_tail(1500)}")
