@@ -19,8 +19,16 @@ from cloud.simulate import build_and_run
 )
 def test_memory_and_mqtt_runs_agree(shared_partition: Path, mosquitto_broker, algo: str, hp: dict) -> None:
     values = {
-        "algo": algo, "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
-        "global_epoch": 4, "local_epoch": 1, "seed": 9, "test_gap": 0, "hp": hp, "threads": 1,
+        "algo": algo,
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 4,
+        "local_epoch": 1,
+        "seed": 9,
+        "test_gap": 0,
+        "hp": hp,
+        "threads": 1,
     }
     memory = build_and_run(resolve({}, dict(values)))
     mqtt = build_and_run(resolve({}, {**values, "transport": "mqtt", "broker": mosquitto_broker.url, "workers": 2}))
@@ -38,19 +46,37 @@ def test_memory_and_mqtt_runs_agree(shared_partition: Path, mosquitto_broker, al
 # of a two-phase method cross the broker. Same per-round accuracies as the in-memory run.
 TWO_PHASE = {"warmup_round": 2}
 OVER_MQTT = [
-    ("local", {}), ("fedper", {}), ("pfedsim", TWO_PHASE), ("fedprox", {}), ("feddyn", {}), ("fedbn", {}),
-    ("fedap", TWO_PHASE), ("fedbabu", {}), ("fedfomo", {}), ("fedrep", {}), ("lgfedavg", {}),
+    ("local", {}),
+    ("fedper", {}),
+    ("pfedsim", TWO_PHASE),
+    ("fedprox", {}),
+    ("feddyn", {}),
+    ("fedbn", {}),
+    ("fedap", TWO_PHASE),
+    ("fedbabu", {}),
+    ("fedfomo", {}),
+    ("fedrep", {}),
+    ("lgfedavg", {}),
     ("fedcmd_noweight", {"selection_rounds": 2}),
 ]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("algo", "hp"), OVER_MQTT, ids=[a for a, _ in OVER_MQTT])
-def test_every_baseline_runs_over_mqtt_as_in_memory(shared_partition: Path, mosquitto_broker, algo: str,
-                                                    hp: dict) -> None:
+def test_every_baseline_runs_over_mqtt_as_in_memory(
+    shared_partition: Path, mosquitto_broker, algo: str, hp: dict
+) -> None:
     values = {
-        "algo": algo, "dataset": "mnist5k", "partition": shared_partition, "join_ratio": 0.1,
-        "global_epoch": 4, "local_epoch": 1, "seed": 3, "test_gap": 0, "hp": hp, "threads": 1,
+        "algo": algo,
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 4,
+        "local_epoch": 1,
+        "seed": 3,
+        "test_gap": 0,
+        "hp": hp,
+        "threads": 1,
     }
     memory = build_and_run(resolve({}, dict(values)))
     mqtt = build_and_run(resolve({}, {**values, "transport": "mqtt", "broker": mosquitto_broker.url, "workers": 1}))
