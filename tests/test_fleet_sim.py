@@ -38,6 +38,7 @@ def test_memory_and_mqtt_runs_agree(shared_partition: Path, mosquitto_broker, al
         for key in ("test_before_acc", "test_after_acc"):
             assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-6), (a.round, key)
         assert b.bytes_down == a.bytes_down
+        assert b.bytes_up == a.bytes_up  # header floats are fixed-width: no timing or last-bit digits in it
     assert mqtt.final["test_before_acc"] == pytest.approx(memory.final["test_before_acc"], abs=1e-6)
     assert mqtt.strategy_summary.get("chosen_layer") == memory.strategy_summary.get("chosen_layer")
 
@@ -86,3 +87,4 @@ def test_every_baseline_runs_over_mqtt_as_in_memory(
         assert b.clients == a.clients
         assert b.metrics["test_before_acc"] == pytest.approx(a.metrics["test_before_acc"], abs=1e-6), a.round
         assert b.bytes_down == a.bytes_down
+        assert b.bytes_up == a.bytes_up  # header floats are fixed-width: no timing or last-bit digits in it
