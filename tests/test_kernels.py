@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -302,9 +303,7 @@ def test_cosine_similarity_matrix_vs_torch(blocks, request):
 def _torch_rowwise_loop(mats: list[np.ndarray]) -> np.ndarray:
     ts = [torch.from_numpy(m) for m in mats]
     n = len(ts)
-    return np.array(
-        [[torch.cosine_similarity(ts[i], ts[j], dim=-1).mean().item() for j in range(n)] for i in range(n)]
-    )
+    return np.array([[torch.cosine_similarity(ts[i], ts[j], dim=-1).mean().item() for j in range(n)] for i in range(n)])
 
 
 @pytest.mark.parametrize("blocks", ["default", "small"])
@@ -427,9 +426,7 @@ def _backend_in_subprocess(env_value: str | None, prelude: str = "") -> subproce
     if env_value is not None:
         env["FEDCMD_NATIVE"] = env_value
     code = prelude + "from fedcmd_core import kernels; print(kernels.backend())"
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_backend_numpy_when_disabled():
@@ -448,12 +445,51 @@ def test_backend_without_native_module():
     assert required.returncode != 0 and "FEDCMD_NATIVE=1" in required.stderr
 
 
-def test_backend_in_process():
-    assert K.backend() in {"native", "numpy"}
+KERNELS = (
+    "wasserstein_1d",
+    "wasserstein_pairwise",
+    "sliced_wasserstein",
+    "weighted_aggregate",
+    "cosine_similarity_matrix",
+    "rowwise_mean_cosine_matrix",
+)
+
+
+def _native_importable() -> bool:
     try:
-        import fedcmd_core._native  # noqa: F401
+        importlib.import_module("fedcmd_core._native")
     except ImportError:
-        assert K.backend() == "numpy" or os.environ.get("FEDCMD_NATIVE") == "0"
+        return False
+    return True
+
+
+def test_backend_in_process():
+    """The backend this process runs on is the one FEDCMD_NATIVE and the installed build call for, and every
+    kernel dispatches to it: 0 -> NumPy; 1 -> native (a missing module fails the import of the kernels
+    themselves); unset -> native exactly when the module imports. A native module missing a kernel fails."""
+    mode = os.environ.get("FEDCMD_NATIVE", "").strip().lower()
+    if mode in ("0", "false", "no", "off"):
+        expected = "numpy"
+    elif mode in ("1", "true", "yes", "on"):
+        expected = "native"
+        assert _native_importable()
+    else:
+        expected = "native" if _native_importable() else "numpy"
+    assert K.backend() == expected
+    source = K._native if expected == "native" else fallback
+    assert (K._native is None) == (expected == "numpy")
+    for name in KERNELS:
+        assert getattr(source, name, None) is not None, f"the {expected} backend has no {name}"
+        assert getattr(K, f"_{name}") is getattr(source, name), name
+
+
+def test_backend_native_when_required():
+    r = _backend_in_subprocess("1")
+    if _native_importable():
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "native"
+    else:
+        assert r.returncode != 0 and "FEDCMD_NATIVE=1 but fedcmd_core._native" in r.stderr
 
 
 def test_face_agrees_with_numpy_fallback():
