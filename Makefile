@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 demo: setup
 	$(BIN)/fedcmd data partition -d mnist5k -a 0.1 -cn 20 -ls 20 --seed 42 --out $(DEMO)/partition.npz --force
