@@ -3,13 +3,16 @@ processes gives the same per-round accuracies (one torch thread, same seed)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("paho.mqtt")
 from cloud.config import resolve
-from cloud.simulate import build_and_run
+from cloud.fleet_sim import _worker
+from cloud.simulate import FLEET, SimulationResult, build_and_run, prepare, run_coordinator
 
 
 @pytest.mark.timeout(600)
@@ -44,7 +47,32 @@ def test_memory_and_mqtt_runs_agree(shared_partition: Path, mosquitto_broker, al
 
 
 # Every other algorithm over MQTT too: 4 rounds, with warm-ups and selection short enough that both phases
-# of a two-phase method cross the broker. Same per-round accuracies as the in-memory run.
+# of a two-phase method cross the broker. Same per-round accuracies as the in-memory run. The agents are
+# fedcmd's own worker (cloud.fleet_sim._worker: every agent its own MQTT client, network thread and model)
+# run on a thread of this process instead of a spawned process: what crosses the broker is the same, and the
+# spawn, which is the same for every algorithm, is tested above; it cost ~4x the run itself (a torch import
+# and a cold first round per worker, twelve times).
+def _mqtt_run_in_process(values: dict[str, Any], url: str) -> SimulationResult:
+    from protocols.mqtt import MqttTransport
+
+    cfg = resolve({}, {**values, "transport": "mqtt", "broker": url})
+    p = prepare(cfg)
+    transport = MqttTransport(url, f"{FLEET}-coordinator", connect_timeout=10.0)
+    stop, ready = threading.Event(), threading.Semaphore(0)
+    # what run_mqtt_simulation hands its workers: the config as JSON, so it round-trips here too
+    worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None, "threads": 1}).model_dump_json()
+    cids = list(range(p.partition.num_clients))
+    worker = threading.Thread(target=_worker, args=(worker_cfg, url, cids, ready, stop), daemon=True)
+    worker.start()
+    try:
+        assert ready.acquire(timeout=120), "the agents did not start"
+        return run_coordinator(p, transport, registration_timeout=120)
+    finally:
+        stop.set()
+        worker.join(30)
+        transport.close()
+
+
 TWO_PHASE = {"warmup_round": 2}
 OVER_MQTT = [
     ("local", {}),
@@ -80,7 +108,7 @@ def test_every_baseline_runs_over_mqtt_as_in_memory(
         "threads": 1,
     }
     memory = build_and_run(resolve({}, dict(values)))
-    mqtt = build_and_run(resolve({}, {**values, "transport": "mqtt", "broker": mosquitto_broker.url, "workers": 1}))
+    mqtt = _mqtt_run_in_process(values, mosquitto_broker.url)
     assert len(mqtt.records) == 4
     assert [r.phase for r in mqtt.records] == [r.phase for r in memory.records]
     for a, b in zip(memory.records, mqtt.records):
