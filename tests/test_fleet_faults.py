@@ -392,7 +392,7 @@ def test_agent_killed_mid_round_round_closes_once_its_will_arrives_and_agent_rej
     # enough rounds (~0.3 s each) for the restarted agent to come back (it imports torch) before the end
     # 5 local epochs: the agent is still training when the kill lands right after its task arrives
     config = _serve_config(tmp_path, url, rounds=120, local_epoch=5, round_deadline=deadline)
-    agents = [_agent(url, c, shared_partition, tmp_path) for c in range(3)]
+    agents = [_agent(url, c, shared_partition, tmp_path, "--no-onnx") for c in range(3)]
     serve = _serve(config, tmp_path)
     probe = MqttTransport(url, "probe-tasks")
     tasked: list[int] = []
@@ -406,7 +406,7 @@ def test_agent_killed_mid_round_round_closes_once_its_will_arrives_and_agent_rej
         killed_round = tasked[-1]
         agents[2].wait(10)
         _wait(lambda: _status(url).get("next_round", 0) >= killed_round + 3, 120, "rounds without agent 2")
-        agents[2] = _agent(url, 2, shared_partition, tmp_path)  # same state dir: it rejoins
+        agents[2] = _agent(url, 2, shared_partition, tmp_path, "--no-onnx")  # same state dir: it rejoins
         _wait(lambda: _status(url).get("online", 0) >= 3, 120, "agent 2 back online")
         assert serve.wait(300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         rows = _rows(tmp_path)
