@@ -26,7 +26,9 @@ pytest.importorskip("paho.mqtt")
 BIN = Path(sys.executable).parent
 
 
-def _serve_config(tmp: Path, url: str, rounds: int, local_epoch: int = 1, **extra: object) -> Path:
+def _serve_config(
+    tmp: Path, url: str, rounds: int, local_epoch: int = 1, selection_rounds: int = 2, **extra: object
+) -> Path:
     cfg = {
         "fleet": "faults",
         "broker": url,
@@ -50,7 +52,7 @@ def _serve_config(tmp: Path, url: str, rounds: int, local_epoch: int = 1, **extr
         f"local_epoch = {local_epoch}",
         "seed = 4",
         "[run.hp]",
-        "selection_rounds = 2",
+        f"selection_rounds = {selection_rounds}",
     ]
     path = tmp / "cloud.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -117,7 +119,7 @@ def _rows(tmp: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------- the coordinator SIGKILLed inside rounds
-KILL_ROUNDS = 4  # rounds 1-2 vote for the personal layer; kills land in round 2 (the vote) and 3 (phase 2)
+KILL_ROUNDS = 4  # round 1 votes for the personal layer; the kills land in rounds 2 and 3 (phase 2)
 TIMING_FACTS = ("aggregate_seconds", "fit_seconds_max", "fit_seconds_sum")  # wall-clock: the only exclusions
 
 
@@ -247,9 +249,10 @@ def test_coordinator_sigkilled_inside_rounds_resumes_to_the_uninterrupted_run_bi
 ) -> None:
     """One `fedcmd cloud serve` run SIGKILLed three times, each time with rounds left, at points reached
     deterministically from outside (devices paused with SIGSTOP, MQTT traffic and the checkpoint folder
-    watched): (A) round 2's tasks sent, no answer yet; (B) round 2 again, one of its two answers on the
-    broker; (C) round 3 aggregated, its checkpoint half written (the write blocks on a FIFO planted at the
-    temporary file's name). Every resume must end where an uninterrupted run of the same fleet ends:
+    watched). Round 1 votes for the personal layer; round 2 is phase 2's first (each resumed coordinator
+    finishes the selection itself). (A) round 2's tasks sent, no answer yet; (B) round 2 again, one of its
+    two answers on the broker; (C) round 3 aggregated, its checkpoint half written (the write blocks on a
+    FIFO planted at the temporary file's name). Every resume must end where an uninterrupted run of the same fleet ends:
     every round record, the strategy's whole state, metrics.csv and summary.json, bit for bit; only the
     wall-clock columns (`seconds`, and the round facts aggregate/fit seconds) and the run id differ."""
     from fswatch import IN_CREATE, IN_MOVED_FROM, FolderWatch
@@ -268,6 +271,7 @@ def test_coordinator_sigkilled_inside_rounds_resumes_to_the_uninterrupted_run_bi
             url,
             rounds=KILL_ROUNDS,
             local_epoch=3,
+            selection_rounds=1,
             join_ratio=0.04,
             min_clients=2,
             wait_clients=2,
