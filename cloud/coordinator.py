@@ -21,6 +21,7 @@ from cloud.validation import Rejected, check_arrays, check_info, check_metrics, 
 from fedcmd_core.robust import GROUPS, clip_bound, clip_update, update_norms
 from fedcmd_core.state_tree import DiskError, load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update
+from fedcmd_core.strategies.base import StateVersionError
 from protocols.codec import DecodeError, Header, decode, encode
 from protocols.topics import (
     parse_client_topic,
@@ -331,7 +332,6 @@ class Coordinator:
                     try:
                         self.strategy.on_update(rnd, cid, self.inbox[cid])
                     except Exception as e:  # the strategy could not take it: drop this update, keep the round
-                        self.strategy.pending.pop(cid, None)
                         del self.inbox[cid]
                         self._reject("strategy_error", f"round {rnd + 1}: {type(e).__name__}: {e}", cid)
                         continue
@@ -386,42 +386,42 @@ class Coordinator:
                              rnd + 1, group, cid, n[group], target)
         self.clipped += len(clipped)
 
-    def _end_round(self, rnd: int, answered: list[int]) -> dict[str, Any]:
+    def _aggregate(self, rnd: int, answered: list[int]) -> dict[str, Any]:
         """The strategy's aggregation, with fault isolation: if it raises, each update is tried alone on a
         copy of the strategy's state, the ones that break it are rejected, and the rest are aggregated."""
+        updates = {c: self.inbox[c] for c in answered}
         snapshot = self._strategy_snapshot()
         try:
-            return self.strategy.end_round(rnd, answered)
+            return self.strategy.aggregate(rnd, updates)
         except Exception as e:
             log.warning("round %d: aggregation failed (%s: %s); finding the update that broke it",
                         rnd + 1, type(e).__name__, e)
-        pending = dict(snapshot["pending"])
         bad: list[int] = []
         for cid in answered:
-            self._strategy_restore(snapshot, {cid: pending[cid]} if cid in pending else {})
+            self._strategy_restore(snapshot)
             try:
-                self.strategy.end_round(rnd, [cid])
+                self.strategy.aggregate(rnd, {cid: updates[cid]})
             except Exception as e:
                 bad.append(cid)
                 self._reject("aggregation_error", f"round {rnd + 1}: {type(e).__name__}: {e}", cid)
-        good = [c for c in answered if c not in bad]
-        self._strategy_restore(snapshot, {c: pending[c] for c in good if c in pending})
+        good = {c: u for c, u in updates.items() if c not in bad}
+        self._strategy_restore(snapshot)
         for cid in bad:
             answered.remove(cid)
             self.inbox.pop(cid, None)
         try:
-            return self.strategy.end_round(rnd, good) if good else {"aggregated": False}
+            return self.strategy.aggregate(rnd, good) if good else {"aggregated": False}
         except Exception as e:  # together they still fail: keep the model as it was
-            self._strategy_restore(snapshot, {})
+            self._strategy_restore(snapshot)
             log.warning("round %d: not aggregated: %s: %s", rnd + 1, type(e).__name__, e)
             return {"aggregated": False}
 
     def _strategy_snapshot(self) -> dict[str, Any]:
+        # Everything the strategy holds (declared state and what begin_round prepared), to retry from.
         return copy.deepcopy({k: v for k, v in vars(self.strategy).items() if k not in ("params", "ctx")})
 
-    def _strategy_restore(self, snapshot: dict[str, Any], pending: dict[int, Update]) -> None:
-        vars(self.strategy).update(copy.deepcopy({k: v for k, v in snapshot.items() if k != "pending"}))
-        self.strategy.pending = dict(pending)
+    def _strategy_restore(self, snapshot: dict[str, Any]) -> None:
+        vars(self.strategy).update(copy.deepcopy(snapshot))
 
     # ------------------------------------------------------------------------------------- the loop
     def _rejoin_after_outage(self) -> None:
@@ -448,10 +448,9 @@ class Coordinator:
         if len(answered) < self.s.min_clients:
             log.warning("round %d: %d of %d clients answered, below min_clients=%d: not aggregated",
                         rnd + 1, len(answered), len(cids), self.s.min_clients)
-            self.strategy.pending.clear()
             facts: dict[str, Any] = {"aggregated": False}
         else:
-            facts = self._end_round(rnd, answered)
+            facts = self._aggregate(rnd, answered)
             log.info("round %d: aggregated %d of %d clients", rnd + 1, len(answered), len(cids))
         aggregate_seconds += time.perf_counter() - agg_start
         metrics = pooled([self.inbox[c] for c in answered if c in self.inbox])
@@ -555,5 +554,8 @@ class Coordinator:
         history = values.get("norm_history", {})
         if isinstance(history, dict):
             self.norm_history = {g: [float(v) for v in vs] for g, vs in history.items()}
-        self.strategy.load_state_dict(values["strategy"])
+        try:
+            self.strategy.load_state_dict(values.get("strategy"))
+        except StateVersionError as e:
+            raise StateVersionError(f"checkpoint {path}: {e}") from None
         log.info("resumed from %s at round %d (run %s)", path, self.next_round + 1, self.run_id)

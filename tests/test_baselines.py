@@ -6,6 +6,7 @@ so what is checked here is what would cross an MQTT broker.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from fedcmd_core.models import build_model, is_bn_statistic, layer_of
 from fedcmd_core.params import flatten, load_arrays, model_arrays
 from fedcmd_core.strategies import (
     ALGORITHMS,
+    BUILTIN,
     ClientContext,
     ClientData,
     ClientStrategy,
@@ -115,7 +117,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], tuple[list[ServerStr
                 super().__init__(*args)
                 clients.append(self)
 
-        monkeypatch.setitem(ALGORITHMS, algo, (SpyServer, SpyClient))
+        monkeypatch.setitem(BUILTIN, algo, dataclasses.replace(BUILTIN[algo], server=SpyServer, client=SpyClient))
         return servers, clients
 
     return install
@@ -201,14 +203,14 @@ def test_feddyn_device_state_persists_and_changes_the_next_round(shared_partitio
     rng = np.random.default_rng(0)
     trainable = spec.trainable_keys()
     start = flatten(server.global_arrays, trainable).astype(np.float64)
-    thetas = []
+    thetas, ups = [], {}
     for c in (0, 2):
         arrays = dict(spec.initial)
         for k in trainable:
             arrays[k] = (spec.initial[k] + rng.normal(size=spec.initial[k].shape)).astype(np.float32)
         thetas.append(flatten(arrays, trainable).astype(np.float64))
-        server.on_update(0, c, Update(0, arrays, 10 * (c + 1)))
-    server.end_round(0, [0, 2])
+        ups[c] = Update(0, arrays, 10 * (c + 1))
+    server.aggregate(0, ups)
     h = -alpha / 4 * sum(t - start for t in thetas)
     np.testing.assert_allclose(flatten(server.global_arrays, trainable), np.mean(thetas, axis=0) - h / alpha, atol=1e-5)
 
@@ -377,14 +379,11 @@ def test_fedfomo_first_order_weights_and_peer_choice(shared_partition: Path) -> 
 
     # cloud: the M best of the previous round by the device's row of P, which accumulates reported weights
     server, spec = server_for("fedfomo", num_clients=6, M=2)
-    for c in range(1, 6):
-        server.on_update(0, c, Update(0, dict(spec.initial), 10))
-    server.end_round(0, list(range(1, 6)))
+    server.aggregate(0, {c: Update(0, dict(spec.initial), 10) for c in range(1, 6)})
     server.P[0, 1:] = [0.1, 0.5, -1.0, 0.7, 0.0]
     assert set(split_peers(server.task_for(1, 0).arrays)[1]) == {4, 2}
     for rnd, w in [(1, 0.25), (2, 0.5)]:
-        server.on_update(rnd, 0, Update(rnd, dict(spec.initial), 10, info={"weights": {"4": w}}))
-        server.end_round(rnd, [0])
+        server.aggregate(rnd, {0: Update(rnd, dict(spec.initial), 10, info={"weights": {"4": w}})})
     assert server.P[0, 4] == pytest.approx(1.45)
 
 

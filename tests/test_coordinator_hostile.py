@@ -149,17 +149,16 @@ def test_a_replayed_fit_answer_is_not_taken_as_an_evaluation() -> None:
 class RaisingAggregation(FedAvgServer):
     """An algorithm whose aggregation breaks on one device's update (device 3's)."""
 
-    def end_round(self, rnd: int, cids: Any) -> dict[str, Any]:
-        if 3 in self.pending:
+    def aggregate(self, rnd: int, updates: Any) -> dict[str, Any]:
+        if 3 in updates:
             raise KeyError("device 3 broke the aggregation")
-        return super().end_round(rnd, cids)
+        return super().aggregate(rnd, updates)
 
 
 class RaisingOnUpdate(FedAvgServer):
     def on_update(self, rnd: int, cid: int, update: Any) -> None:
         if cid == 3:
             raise TypeError("device 3 broke on_update")
-        super().on_update(rnd, cid, update)
 
 
 @pytest.mark.parametrize(("server_cls", "reason"),

@@ -96,7 +96,7 @@ def test_fedavg_is_the_sample_weighted_mean() -> None:
     for c, u in ups.items():
         u.arrays.update({k: spec.initial[k] for k in keys if "num_batches" in k})
         server.on_update(0, c, u)
-    server.end_round(0, [0, 2])
+    server.aggregate(0, ups)
     k = "fc2.0.weight"
     expected = (10 * ups[0].arrays[k] + 30 * ups[2].arrays[k]) / 40
     np.testing.assert_allclose(server.global_arrays[k], expected, rtol=1e-5, atol=1e-6)
@@ -118,7 +118,7 @@ def test_fedcmd_described_variant_mixes_every_stored_body_as_the_paper_defines()
         updates[c] = u
         server.on_update(0, c, u)
     sent = {k: v.copy() for k, v in server.global_arrays.items()}
-    server.end_round(0, [0, 1, 2])
+    server.aggregate(0, updates)
     server.begin_round(1, [0])
     assert server.chosen == "fc2"
     body_keys = [k for k in trainable if not k.startswith("fc2.")]
@@ -158,7 +158,7 @@ def _similarity(a: np.ndarray, b: np.ndarray) -> float:
 def _phase2_round(server, spec, rnd: int, cids: list[int], rng: np.random.Generator) -> dict[int, tuple]:
     """Devices train from the bodies the cloud sends; returns {cid: (start, trained, personal update)}."""
     server.begin_round(rnd, cids)
-    out = {}
+    out, ups = {}, {}
     for c in cids:
         task = server.task_for(rnd, c)
         start = flatten(task.arrays, server.body_keys)
@@ -166,9 +166,10 @@ def _phase2_round(server, spec, rnd: int, cids: list[int], rng: np.random.Genera
                   for k in server.body_keys}
         delta = {k: rng.normal(size=spec.initial[k].shape).astype(np.float32) for k in server.personal_keys}
         arrays.update({DELTA + k: v for k, v in delta.items()})
-        server.on_update(rnd, c, Update(rnd, arrays, 10 + c, {}, {}))
+        ups[c] = Update(rnd, arrays, 10 + c, {}, {})
+        server.on_update(rnd, c, ups[c])
         out[c] = (start, flatten(arrays, server.body_keys), delta)
-    server.end_round(rnd, cids)
+    server.aggregate(rnd, ups)
     return out
 
 
@@ -180,14 +181,15 @@ def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() 
     rng = np.random.default_rng(2)
     trainable = spec.trainable_keys()
     server.begin_round(0, [0, 1, 2, 3])
-    phase1 = {}
+    phase1, ups = {}, {}
     for c in range(4):
         server.task_for(0, c)
         u = _fake_update(spec, trainable, rng, 10 + c)
         u.info = {"votes": {"fc2": 3}}
         phase1[c] = {k: u.arrays[k] - spec.initial[k] for k in ("fc2.0.weight", "fc2.0.bias")}
         server.on_update(0, c, u)
-    server.end_round(0, [0, 1, 2, 3])
+        ups[c] = u
+    server.aggregate(0, ups)
     trained = _phase2_round(server, spec, 1, [0, 1], rng)  # clients 2 and 3 hold round-0 (stale) bodies
     server.begin_round(2, [2])
     got = flatten(server.task_for(2, 2).arrays, server.body_keys)
@@ -199,7 +201,7 @@ def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() 
     # the described form would have mixed all four bodies without the step: a different body
     assert not np.allclose(got, mixed)
     # the round's mixing diagnostics come back with the round: fresh bodies only, two of them
-    facts = server.end_round(2, [])
+    facts = server.aggregate(2, {})
     assert facts["staleness"] == pytest.approx(1.0) and facts["mixed_bodies"] == 2.0
     assert facts["effective_bodies"] == pytest.approx(1.0 / (phi**2).sum())
 
@@ -211,12 +213,14 @@ def test_fedcmd_server_momentum_adds_the_previous_rounds_velocity() -> None:
     server, spec = _server("fedcmd", num_clients=4, rounds=8, selection_rounds=1, server_momentum=beta)
     rng = np.random.default_rng(3)
     server.begin_round(0, [0, 1, 2, 3])
+    ups = {}
     for c in range(4):
         server.task_for(0, c)
         u = _fake_update(spec, spec.trainable_keys(), rng, 10)
         u.info = {"votes": {"fc2": 3}}
         server.on_update(0, c, u)
-    server.end_round(0, [0, 1, 2, 3])
+        ups[c] = u
+    server.aggregate(0, ups)
     first = _phase2_round(server, spec, 1, [0, 1], rng)
     v1 = np.mean([first[c][1] - first[c][0] for c in (0, 1)], axis=0)
     second = _phase2_round(server, spec, 2, [2, 3], rng)

@@ -1,10 +1,33 @@
-"""The algorithm registry: name -> (cloud side, device side). One file per algorithm."""
+"""The algorithm registry: name -> Algorithm record (one file per algorithm), plus the algorithms that
+installed packages add through the ``fedcmd.algorithms`` entry-point group (docs/WRITING_A_STRATEGY.md).
+``simulate``, ``experiment``, ``cloud serve`` and the agent all resolve names here, so a plugin is found
+by every one of them."""
 
 from __future__ import annotations
 
+import difflib
+import logging
+from importlib.metadata import entry_points
 from typing import Any
 
+from fedcmd_core.strategies import (
+    fedap,
+    fedavg,
+    fedbabu,
+    fedbn,
+    fedcmd,
+    fedcmd_noweight,
+    feddyn,
+    fedfomo,
+    fedper,
+    fedprox,
+    fedrep,
+    lgfedavg,
+    local_only,
+    pfedsim,
+)
 from fedcmd_core.strategies.base import (
+    Algorithm,
     ClientContext,
     ClientData,
     ClientStrategy,
@@ -15,60 +38,101 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
-from fedcmd_core.strategies.fedap import FedAPClient, FedAPServer
-from fedcmd_core.strategies.fedavg import FedAvgClient, FedAvgServer
-from fedcmd_core.strategies.fedbabu import FedBABUClient, FedBABUServer
-from fedcmd_core.strategies.fedbn import FedBNClient, FedBNServer
-from fedcmd_core.strategies.fedcmd import FedCMDClient, FedCMDServer
-from fedcmd_core.strategies.fedcmd_noweight import FedCMDNoWeightClient, FedCMDNoWeightServer
-from fedcmd_core.strategies.feddyn import FedDynClient, FedDynServer
-from fedcmd_core.strategies.fedfomo import FedFomoClient, FedFomoServer
-from fedcmd_core.strategies.fedper import FedPerClient, FedPerServer
-from fedcmd_core.strategies.fedprox import FedProxClient, FedProxServer
-from fedcmd_core.strategies.fedrep import FedRepClient, FedRepServer
-from fedcmd_core.strategies.lgfedavg import LGFedAvgClient, LGFedAvgServer
-from fedcmd_core.strategies.local_only import LocalOnlyClient, LocalOnlyServer
-from fedcmd_core.strategies.pfedsim import PFedSimClient, PFedSimServer
 
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "fedcmd.algorithms"
+
+BUILTIN: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        local_only.ALGORITHM,
+        fedavg.ALGORITHM,
+        fedper.ALGORITHM,
+        pfedsim.ALGORITHM,
+        fedcmd.ALGORITHM,
+        fedprox.ALGORITHM,
+        feddyn.ALGORITHM,
+        fedbn.ALGORITHM,
+        fedap.ALGORITHM,
+        fedbabu.ALGORITHM,
+        fedfomo.ALGORITHM,
+        fedrep.ALGORITHM,
+        lgfedavg.ALGORITHM,
+        fedcmd_noweight.ALGORITHM,
+    )
+}
+# name -> (cloud side, device side) of the built-in algorithms (plugins: see algorithms())
 ALGORITHMS: dict[str, tuple[type[ServerStrategy], type[ClientStrategy]]] = {
-    "local": (LocalOnlyServer, LocalOnlyClient),
-    "fedavg": (FedAvgServer, FedAvgClient),
-    "fedper": (FedPerServer, FedPerClient),
-    "pfedsim": (PFedSimServer, PFedSimClient),
-    "fedcmd": (FedCMDServer, FedCMDClient),
-    "fedprox": (FedProxServer, FedProxClient),
-    "feddyn": (FedDynServer, FedDynClient),
-    "fedbn": (FedBNServer, FedBNClient),
-    "fedap": (FedAPServer, FedAPClient),
-    "fedbabu": (FedBABUServer, FedBABUClient),
-    "fedfomo": (FedFomoServer, FedFomoClient),
-    "fedrep": (FedRepServer, FedRepClient),
-    "lgfedavg": (LGFedAvgServer, LGFedAvgClient),
-    "fedcmd_noweight": (FedCMDNoWeightServer, FedCMDNoWeightClient),
+    n: (a.server, a.client) for n, a in BUILTIN.items()
 }
 ALIASES = {"local-only": "local", "localonly": "local", "local_only": "local"}
 
+_plugins: dict[str, Algorithm] | None = None
+_plugin_errors: dict[str, str] = {}
+
+
+def plugins() -> dict[str, Algorithm]:
+    """The algorithms of installed packages (loaded once). A plugin that fails to load, is not an
+    Algorithm, or takes a built-in name is left out with a warning; asking for it names the reason."""
+    global _plugins
+    if _plugins is None:
+        found: dict[str, Algorithm] = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            where = f"entry point {ep.name!r} ({ep.value})"
+            try:
+                record = ep.load()
+            except Exception as e:  # a broken plugin must not take the built-in algorithms down with it
+                _plugin_errors[ep.name] = f"{where} failed to load: {type(e).__name__}: {e}"
+                continue
+            if not isinstance(record, Algorithm):
+                _plugin_errors[ep.name] = f"{where} is a {type(record).__name__}, not a fedcmd Algorithm record"
+            elif record.name in BUILTIN or record.name in ALIASES:
+                _plugin_errors[record.name] = f"{where} takes the built-in name {record.name!r}"
+            elif record.name in found:
+                _plugin_errors[record.name] = f"{where}: two installed packages define {record.name!r}"
+            else:
+                found[record.name] = record
+        for name, why in _plugin_errors.items():
+            log.warning("algorithm plugin %s left out: %s", name, why)
+        _plugins = found
+    return _plugins
+
+
+def algorithms() -> dict[str, Algorithm]:
+    """Every algorithm by name: the built-in ones, then the installed plugins."""
+    return {**BUILTIN, **plugins()}
+
+
+def record(name: str) -> Algorithm:
+    key = ALIASES.get(name.lower(), name.lower())
+    known = algorithms()
+    if key not in known:
+        why = f" ({_plugin_errors[key]})" if key in _plugin_errors else ""
+        close = difflib.get_close_matches(key, [*known, *ALIASES], n=1)
+        hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+        raise ValueError(f"unknown algorithm {name!r}{why}{hint} (known: {', '.join(known)})")
+    return known[key]
+
 
 def algorithm(name: str) -> tuple[type[ServerStrategy], type[ClientStrategy]]:
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[key]
+    r = record(name)
+    return r.server, r.client
 
 
 def canonical_name(name: str) -> str:
-    algorithm(name)
-    return ALIASES.get(name.lower(), name.lower())
+    return record(name).name
 
 
 def parse_params(name: str, values: dict[str, Any]) -> HyperParams:
     """Validate an algorithm's hyper-parameters (pydantic: unknown keys and bad types raise)."""
-    server_cls, _ = algorithm(name)
-    return server_cls.Params(**values)
+    return record(name).params(**values)
 
 
 __all__ = [
     "ALGORITHMS",
+    "ENTRY_POINT_GROUP",
+    "Algorithm",
     "ClientContext",
     "ClientData",
     "ClientStrategy",
@@ -79,6 +143,9 @@ __all__ = [
     "Task",
     "Update",
     "algorithm",
+    "algorithms",
     "canonical_name",
     "parse_params",
+    "plugins",
+    "record",
 ]

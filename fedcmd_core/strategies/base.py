@@ -27,7 +27,9 @@ from fedcmd_core.models import is_bn_statistic, layer_of
 from fedcmd_core.params import Arrays, load_arrays, model_arrays
 from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
 
-_NOT_STATE = ("params", "ctx", "pending")
+
+class StateVersionError(ValueError):
+    """A checkpoint's strategy state was written by another state version (or names other fields)."""
 
 
 class HyperParams(BaseModel):
@@ -101,17 +103,25 @@ class ServerContext:
 
 # ----------------------------------------------------------------------------------------- cloud side
 class ServerStrategy(ABC):
-    """Cloud side. Default behaviour is FedAvg over all arrays; algorithms override what differs."""
+    """Cloud side. Default behaviour is FedAvg over all arrays; algorithms override what differs.
+
+    The coordinator owns the round loop: ``begin_round`` with the sampled clients, ``task_for`` per client,
+    ``on_update`` per accepted update (only the relay needs it), then ``aggregate`` with the round's
+    accepted updates. A strategy keeps between rounds exactly the attributes its classes list in
+    ``state_fields`` (collected over the class hierarchy); checkpoints carry those and ``state_version``."""
 
     name: ClassVar[str]
     Params: ClassVar[type[HyperParams]] = HyperParams
     Info: ClassVar[type[BaseModel]] = NoInfo  # the schema of Update.info from this algorithm's devices
+    # Bump state_version when the meaning or layout of a checkpointed field changes: older checkpoints are
+    # then refused instead of being loaded into the wrong shape.
+    state_version: ClassVar[int] = 1
+    state_fields: ClassVar[tuple[str, ...]] = ("global_arrays", "started")
 
     def __init__(self, params: HyperParams, ctx: ServerContext) -> None:
         self.params = params
         self.ctx = ctx
         self.global_arrays: Arrays = {k: v.copy() for k, v in ctx.spec.initial.items()}
-        self.pending: dict[int, Update] = {}
         self.started: set[int] = set()
 
     # A device's first task carries every trainable entry, so that its personal layers start from the
@@ -167,32 +177,52 @@ class ServerStrategy(ABC):
         return robust.aggregate(states, weights, keys, self.ctx.aggregation, self.ctx.trim_ratio)
 
     def on_update(self, rnd: int, cid: int, update: Update) -> None:
-        """Called for each accepted update (in sampling order; in relay rounds, before the next dispatch)."""
-        self.pending[cid] = update
+        """Each accepted update as it arrives, in sampling order (in relay rounds before the next device's
+        task is made). Only algorithms that act on an update before the round ends (the relay) need it."""
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
-        """Aggregate the round's updates; return JSON-able facts to log about the round."""
-        updates = [self.pending[c] for c in cids if c in self.pending]
-        self.pending.clear()
-        keys = list(updates[0].arrays) if updates else []
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
+        """The round's accepted updates (client -> update, in sampling order) into the strategy's state;
+        returns JSON-able facts to log about the round. Default: the data-size weighted mean."""
+        ups = list(updates.values())
+        keys = list(ups[0].arrays) if ups else []
         if keys:
-            self.global_arrays.update(
-                self.average([u.arrays for u in updates], [max(u.num_samples, 1) for u in updates], keys)
-            )
+            self.global_arrays.update(self.average([u.arrays for u in ups], [max(u.num_samples, 1) for u in ups], keys))
         return {}
 
     def summary(self) -> dict[str, Any]:
         """Facts for summary.json (chosen layers, votes, ...)."""
         return {}
 
-    # --- checkpoints: everything accumulated between rounds (params and context come from the config)
-    def state_dict(self) -> dict[str, Any]:
-        if self.pending:
-            raise RuntimeError("state_dict() between end_round() and the next round only")
-        return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+    # --- checkpoints: the declared fields only (params, context and what __init__ derives come from the config)
+    @classmethod
+    def checkpointed_fields(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for n in klass.__dict__.get("state_fields", ()):
+                if n not in names:
+                    names.append(n)
+        return names
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.state_version, "fields": {n: getattr(self, n) for n in self.checkpointed_fields()}}
+
+    def load_state_dict(self, state: Any) -> None:
+        version = state.get("version") if isinstance(state, dict) else None
+        fields = state.get("fields") if isinstance(state, dict) else None
+        if version != self.state_version or not isinstance(fields, dict):
+            raise StateVersionError(
+                f"the checkpoint's {self.name} state is version {version}, this fedcmd reads version "
+                f"{self.state_version}: resume it with the fedcmd that wrote it, or start a new run"
+            )
+        expected = self.checkpointed_fields()
+        if set(fields) != set(expected):
+            missing, extra = sorted(set(expected) - set(fields)), sorted(set(fields) - set(expected))
+            raise StateVersionError(
+                f"the checkpoint's {self.name} state (version {version}) has other fields than this fedcmd's "
+                f"(missing {missing}, unexpected {extra}): it was written by another fedcmd; start a new run"
+            )
+        for n in expected:
+            setattr(self, n, fields[n])
 
 
 # ---------------------------------------------------------------------------------------- device side
@@ -235,7 +265,7 @@ class ClientStrategy:
 
     # --- device state that survives restarts (the agent stores it in its state dir)
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k not in _NOT_STATE}
+        return {k: v for k, v in vars(self).items() if k not in ("params", "ctx")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
@@ -347,5 +377,26 @@ class ClientStrategy:
         return out
 
 
-def data_weights(updates: Mapping[int, Update], cids: Sequence[int]) -> np.ndarray:
-    return np.asarray([max(updates[c].num_samples, 1) for c in cids], dtype=np.float64)
+
+# ------------------------------------------------------------------------------------------- the record
+@dataclass(frozen=True)
+class Algorithm:
+    """One algorithm: its name, hyper-parameters and both sides. Each algorithm file ends with one (the
+    registry collects them; a user's package adds its own through the ``fedcmd.algorithms`` entry points,
+    docs/WRITING_A_STRATEGY.md). The record names both classes, so neither declares name or Params itself."""
+
+    name: str
+    params: type[HyperParams]
+    server: type[ServerStrategy]
+    client: type[ClientStrategy]
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum() or self.name != self.name.lower():
+            raise ValueError(f"algorithm name {self.name!r}: lower-case letters, digits, '_' and '-' only")
+        if not (issubclass(self.server, ServerStrategy) and issubclass(self.client, ClientStrategy)):
+            raise TypeError(f"algorithm {self.name!r}: server must be a ServerStrategy, client a ClientStrategy")
+        if not issubclass(self.params, HyperParams):
+            raise TypeError(f"algorithm {self.name!r}: params must be a HyperParams model")
+        for side in (self.server, self.client):
+            side.name = self.name
+            side.Params = self.params

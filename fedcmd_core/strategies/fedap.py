@@ -13,7 +13,7 @@ same warmed-up model every device gets then (FL-bench: all devices at once); W c
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from torch import nn
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, unflatten
 from fedcmd_core.strategies.base import (
+    Algorithm,
     ClientContext,
     ClientStrategy,
     HyperParams,
@@ -31,6 +32,7 @@ from fedcmd_core.strategies.base import (
     ServerContext,
     ServerStrategy,
     Task,
+    Update,
 )
 from fedcmd_core.strategies.fedbn import bn_keys
 from fedcmd_core.strategies.fedfomo import split_train, training_on
@@ -69,9 +71,8 @@ class BNStatsInfo(NoInfo):
 
 
 class FedAPServer(ServerStrategy):
-    name = "fedap"
-    Params = FedAPParams
     Info = BNStatsInfo
+    state_fields = ("bodies", "stats")
 
     def __init__(self, params: FedAPParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -113,8 +114,7 @@ class FedAPServer(ServerStrategy):
             return Task(rnd, "evaluate", {k: self.global_arrays[k] for k in self.ctx.spec.keys}, {})
         return Task(rnd, "evaluate", unflatten(self._mixed(cid), self.global_arrays, self.body_keys), {})
 
-    def on_update(self, rnd: int, cid: int, update: Any) -> None:
-        super().on_update(rnd, cid, update)
+    def on_update(self, rnd: int, cid: int, update: Update) -> None:
         if rnd < self.warmup:
             self.global_arrays.update(update.arrays)  # the next device in the relay starts from here
 
@@ -149,15 +149,12 @@ class FedAPServer(ServerStrategy):
             return False
         return True
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
         if rnd >= self.warmup:
-            for c in cids:
-                if c in self.pending:
-                    update = self.pending[c]
-                    self.bodies[c] = flatten(update.arrays, self.body_keys)
-                    if self._valid(update.info.get("bn_stats")):
-                        self.stats[c] = update.info["bn_stats"]
-        self.pending.clear()
+            for c, update in updates.items():
+                self.bodies[c] = flatten(update.arrays, self.body_keys)
+                if self._valid(update.info.get("bn_stats")):
+                    self.stats[c] = update.info["bn_stats"]
         return {"measured": len(self.stats)} if rnd >= self.warmup else {}
 
     def summary(self) -> dict[str, Any]:
@@ -203,9 +200,6 @@ def bn_input_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
 
 
 class FedAPClient(ClientStrategy):
-    name = "fedap"
-    Params = FedAPParams
-
     def __init__(self, params: FedAPParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         self.pretrain_index, self.train_index = split_train(ctx, params.pretrain_ratio)
@@ -224,3 +218,6 @@ class FedAPClient(ClientStrategy):
         if self.stats is not None:
             info["bn_stats"] = self.stats
         return arrays, info
+
+
+ALGORITHM = Algorithm("fedap", FedAPParams, FedAPServer, FedAPClient)

@@ -3,7 +3,7 @@ the results weighted by local sample counts."""
 
 from __future__ import annotations
 
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerStrategy
+from fedcmd_core.strategies.base import Algorithm, ClientStrategy, HyperParams, ServerStrategy
 
 
 class FedAvgParams(HyperParams):
@@ -13,14 +13,13 @@ class FedAvgParams(HyperParams):
 
 
 class FedAvgServer(ServerStrategy):
-    name = "fedavg"
-    Params = FedAvgParams
-
     def shared_keys(self, rnd: int) -> list[str]:
         spec = self.ctx.spec
         return spec.keys if self.params.share_bn_stats else spec.trainable_keys()
 
 
 class FedAvgClient(ClientStrategy):
-    name = "fedavg"
-    Params = FedAvgParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("fedavg", FedAvgParams, FedAvgServer, FedAvgClient)

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from fedcmd_core.models import layer_of
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, ServerContext, Task
+from fedcmd_core.strategies.base import Algorithm, ClientContext, ClientStrategy, ServerContext, Task
 from fedcmd_core.strategies.fedavg import FedAvgParams, FedAvgServer
 
 
@@ -27,9 +27,6 @@ class FedBABUParams(FedAvgParams):
 
 
 class FedBABUServer(FedAvgServer):
-    name = "fedbabu"
-    Params = FedBABUParams
-
     def __init__(self, params: FedBABUParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
         self.params: FedBABUParams = params
@@ -44,9 +41,6 @@ class FedBABUServer(FedAvgServer):
 
 
 class FedBABUClient(ClientStrategy):
-    name = "fedbabu"
-    Params = FedBABUParams
-
     def __init__(self, params: FedBABUParams, ctx: ClientContext) -> None:
         if ctx.finetune_epoch == 0:
             ctx = replace(ctx, finetune_epoch=params.finetune_epochs)
@@ -61,3 +55,6 @@ class FedBABUClient(ClientStrategy):
         if self.params.finetune == "head":
             return [p for n, p in named if layer_of(n) in head]
         return [p for _, p in named]
+
+
+ALGORITHM = Algorithm("fedbabu", FedBABUParams, FedBABUServer, FedBABUClient)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerContext, ServerStrategy
+from fedcmd_core.strategies.base import Algorithm, ClientStrategy, HyperParams, ServerContext, ServerStrategy
 
 
 def bn_keys(keys: Iterable[str]) -> set[str]:
@@ -21,8 +21,6 @@ def bn_keys(keys: Iterable[str]) -> set[str]:
 
 
 class FedBNServer(ServerStrategy):
-    name = "fedbn"
-    Params = HyperParams
     send_full_first = False  # the first-contact top-up would send BN layers (at their initial values)
 
     def __init__(self, params: HyperParams, ctx: ServerContext) -> None:
@@ -35,5 +33,7 @@ class FedBNServer(ServerStrategy):
 
 
 class FedBNClient(ClientStrategy):
-    name = "fedbn"
-    Params = HyperParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("fedbn", HyperParams, FedBNServer, FedBNClient)

@@ -18,7 +18,7 @@ mixing: max_staleness 0, server_lr 1), which collapses at alpha >= 0.5 (docs/REP
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -28,7 +28,16 @@ from pydantic import Field, StringConstraints, model_validator
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, model_arrays, unflatten
 from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances, mode, round_mode
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, NoInfo, ServerContext, ServerStrategy, Task
+from fedcmd_core.strategies.base import (
+    Algorithm,
+    ClientStrategy,
+    HyperParams,
+    NoInfo,
+    ServerContext,
+    ServerStrategy,
+    Task,
+    Update,
+)
 
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
 
@@ -110,9 +119,25 @@ def default_candidates(layer_names: Sequence[str]) -> list[str]:
 
 
 class FedCMDServer(ServerStrategy):
-    name = "fedcmd"
-    Params = FedCMDParams
     Info = VoteInfo
+    state_fields = (
+        "round_modes",
+        "vote_totals",
+        "client_votes",
+        "chosen",
+        "body_keys",
+        "personal_keys",
+        "bodies",
+        "body_round",
+        "sent",
+        "deltas",
+        "sizes",
+        "sim",
+        "relay_body",
+        "velocity",
+        "push",
+        "last_mean_body",
+    )
 
     def __init__(self, params: FedCMDParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -140,7 +165,7 @@ class FedCMDServer(ServerStrategy):
         self.velocity: np.ndarray | None = None  # server_momentum: running sum of the rounds' mean body updates
         self.push: np.ndarray | None = None  # what momentum adds to every body mixed for the next round
         self.last_mean_body: np.ndarray | None = None  # mean body sent last round (diagnostics: body drift)
-        self.diagnostics: dict[str, float] = {}  # this round's mixing diagnostics, returned by end_round
+        self.diagnostics: dict[str, float] = {}  # this round's mixing diagnostics, returned by aggregate
         self._round_bodies: dict[int, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------- structure
@@ -162,7 +187,7 @@ class FedCMDServer(ServerStrategy):
             bodies = self._weighted_bodies(cids, diag, rnd)
             self._round_bodies = dict(zip(cids, bodies))
             mean = bodies.mean(axis=0)
-            last = getattr(self, "last_mean_body", None)
+            last = self.last_mean_body
             if last is not None:
                 diag["body_drift"] = float(np.linalg.norm(mean - last))  # how far the sent bodies moved
             self.last_mean_body = mean
@@ -193,45 +218,43 @@ class FedCMDServer(ServerStrategy):
         # phase 2: the body, plus the update (never the weights) of the personal layer
         return super().expected_upload(task) + [DELTA + k for k in task.config.get("personal", [])]
 
-    def on_update(self, rnd: int, cid: int, update: Any) -> None:
-        super().on_update(rnd, cid, update)
+    def on_update(self, rnd: int, cid: int, update: Update) -> None:
         if rnd >= self.phase1 and self.params.body_mode == "relay":
             self.relay_body = flatten(update.arrays, self.body_keys)
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
-        done = [c for c in cids if c in self.pending]
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
+        done = list(updates)
         for c in done:
-            self.sizes[c] = max(self.pending[c].num_samples, 1)
+            self.sizes[c] = max(updates[c].num_samples, 1)
         facts: dict[str, Any] = {}
         if rnd < self.phase1:
             candidate_keys = self.ctx.spec.keys_of(self.candidates)
             for c in done:
-                arrays = self.pending[c].arrays
+                arrays = updates[c].arrays
                 self.bodies[c] = flatten(arrays, self.trainable)
                 self.body_round[c] = rnd
                 self.sent[c] = flatten(self.global_arrays, self.trainable)
                 # Phase-1 devices trained from the global model: their update is trained - global.
                 self.deltas[c] = {k: arrays[k] - self.global_arrays[k] for k in candidate_keys if k in arrays}
-            votes = [self.pending[c].info.get("votes", {}) for c in done]
+            votes = [updates[c].info.get("votes", {}) for c in done]
             for c, v in zip(done, votes):
                 self.client_votes[c] = v
                 self.vote_totals.update(v)
             rmode = round_mode(votes, self.candidates)
             self.round_modes.append(rmode)
             facts["round_layer"] = rmode
-            super().end_round(rnd, cids)  # FedAvg of the trainable entries
+            super().aggregate(rnd, updates)  # FedAvg of the trainable entries
             return facts
         for c in done:
-            arrays = self.pending[c].arrays
+            arrays = updates[c].arrays
             self.bodies[c] = flatten(arrays, self.body_keys)
             self.body_round[c] = rnd
             self.deltas[c] = {k[len(DELTA) :]: v for k, v in arrays.items() if k.startswith(DELTA)}
         self._update_similarity()
-        facts.update(getattr(self, "diagnostics", {}))
+        facts.update(self.diagnostics)
         self.diagnostics = {}
         if self.params.server_momentum and self.params.body_mode == "weighted" and done:
             self._momentum(done)
-        self.pending.clear()
         self._round_bodies = {}
         if self.relay_body is not None:
             self.global_arrays.update(unflatten(self.relay_body, self.global_arrays, self.body_keys))
@@ -255,7 +278,7 @@ class FedCMDServer(ServerStrategy):
         bodies get server_lr * beta * v_(t-1) on top of their own (accelerated) mixed update."""
         beta, lr = self.params.server_momentum, self.params.server_lr
         step = np.mean([self.bodies[c] - self.sent[c] for c in done if c in self.sent], axis=0)
-        previous = getattr(self, "velocity", None)
+        previous = self.velocity
         previous = np.zeros_like(step) if previous is None else previous
         self.push = lr * beta * previous
         self.velocity = beta * previous + step
@@ -287,9 +310,7 @@ class FedCMDServer(ServerStrategy):
             rows = np.concatenate([rows, np.asarray(delta[bias], dtype=np.float64).reshape(-1, 1)], axis=1)
         return rows
 
-    def _weighted_bodies(
-        self, cids: Sequence[int], diag: dict[str, float] | None = None, rnd: int = 0
-    ) -> np.ndarray:
+    def _weighted_bodies(self, cids: Sequence[int], diag: dict[str, float] | None = None, rnd: int = 0) -> np.ndarray:
         """The mixed bodies for ``cids``; ``diag`` (if given) gets the round's mixing diagnostics: mean
         staleness of the mixed bodies (1 = trained last round), effective number of bodies 1 / sum_j w_ij^2
         and the spread (std) of the similarities used, each averaged over the devices."""
@@ -327,7 +348,7 @@ class FedCMDServer(ServerStrategy):
             # Step further along the mixed update: body + lr * sum_j Phi_ij (theta_j - start_j).
             steps = kernels.weighted_aggregate(phi, [self.bodies[j] - self.sent[j] for j in held])
             mixed = mixed + (p.server_lr - 1.0) * steps
-        push = getattr(self, "push", None)
+        push = self.push
         if p.server_momentum and push is not None:
             mixed = mixed + push[None, :]
         return mixed
@@ -345,9 +366,6 @@ class FedCMDServer(ServerStrategy):
 
 
 class FedCMDClient(ClientStrategy):
-    name = "fedcmd"
-    Params = FedCMDParams
-
     def __init__(self, params: FedCMDParams, ctx: Any) -> None:
         super().__init__(params, ctx)
         self.params: FedCMDParams = params
@@ -392,3 +410,6 @@ class FedCMDClient(ClientStrategy):
 def _classifier_weight(initial: Arrays) -> str:
     keys = [k for k in initial if k.endswith("weight") and np.asarray(initial[k]).ndim == 2]
     return keys[-1]
+
+
+ALGORITHM = Algorithm("fedcmd", FedCMDParams, FedCMDServer, FedCMDClient)

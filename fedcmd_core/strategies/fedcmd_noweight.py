@@ -8,10 +8,10 @@ and, unlike FedCMD, not even the personal-layer update is uploaded (there is no 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedcmd_core.strategies.base import ServerStrategy, Task
+from fedcmd_core.strategies.base import Algorithm, ServerStrategy, Task, Update
 from fedcmd_core.strategies.fedcmd import FedCMDClient, FedCMDServer, SelectionParams
 
 
@@ -20,9 +20,6 @@ class FedCMDNoWeightParams(SelectionParams):
 
 
 class FedCMDNoWeightServer(FedCMDServer):
-    name = "fedcmd_noweight"
-    Params = FedCMDNoWeightParams
-
     def sequential(self, rnd: int) -> bool:
         return False
 
@@ -41,13 +38,13 @@ class FedCMDNoWeightServer(FedCMDServer):
             return super().configure_evaluate(rnd, cid)
         return Task(rnd, "evaluate", {k: self.global_arrays[k] for k in self.body_keys}, {})
 
-    def on_update(self, rnd: int, cid: int, update: Any) -> None:
-        self.pending[cid] = update
+    def on_update(self, rnd: int, cid: int, update: Update) -> None:
+        pass  # never a relay
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
         if rnd < self.phase1:
-            return super().end_round(rnd, cids)
-        return ServerStrategy.end_round(self, rnd, cids)  # sample-weighted FedAvg of the uploaded body
+            return super().aggregate(rnd, updates)
+        return ServerStrategy.aggregate(self, rnd, updates)  # sample-weighted FedAvg of the uploaded body
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -59,5 +56,7 @@ class FedCMDNoWeightServer(FedCMDServer):
 
 
 class FedCMDNoWeightClient(FedCMDClient):
-    name = "fedcmd_noweight"
-    Params = FedCMDNoWeightParams
+    """Device side: FedCMD's (layer votes in the selection rounds, nothing personal uploaded after)."""
+
+
+ALGORITHM = Algorithm("fedcmd_noweight", FedCMDNoWeightParams, FedCMDNoWeightServer, FedCMDNoWeightClient)

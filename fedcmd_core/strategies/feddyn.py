@@ -10,7 +10,7 @@ gradients at norm 10; we follow the paper and do not clip (``loss_term`` cannot 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from fedcmd_core.params import flatten, model_arrays, unflatten
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, ServerContext, Task
+from fedcmd_core.strategies.base import Algorithm, ClientContext, ClientStrategy, ServerContext, Task, Update
 from fedcmd_core.strategies.fedavg import FedAvgParams, FedAvgServer
 from fedcmd_core.training import LossTerm
 
@@ -31,8 +31,7 @@ class FedDynParams(FedAvgParams):
 
 
 class FedDynServer(FedAvgServer):
-    name = "feddyn"
-    Params = FedDynParams
+    state_fields = ("h",)
 
     def __init__(self, params: FedDynParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -40,9 +39,8 @@ class FedDynServer(FedAvgServer):
         self.trainable = ctx.spec.trainable_keys()
         self.h = np.zeros(flatten(self.global_arrays, self.trainable).size, dtype=np.float64)
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
-        updates = [self.pending[c] for c in cids if c in self.pending]
-        self.pending.clear()
+    def aggregate(self, rnd: int, round_updates: Mapping[int, Update]) -> dict[str, Any]:
+        updates = list(round_updates.values())
         if not updates:
             return {}
         alpha = self.params.alpha
@@ -58,9 +56,6 @@ class FedDynServer(FedAvgServer):
 
 
 class FedDynClient(ClientStrategy):
-    name = "feddyn"
-    Params = FedDynParams
-
     def __init__(self, params: FedDynParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         self.params: FedDynParams = params
@@ -104,3 +99,6 @@ class FedDynClient(ClientStrategy):
             g = np.zeros_like(start[n]) if g is None else g
             # first-order condition of the local problem: grad L_k(w_k) = g_k - alpha (w_k - w_global)
             self.state[LINEAR + n] = (g - alpha * (end[n] - start[n])).astype(start[n].dtype)
+
+
+ALGORITHM = Algorithm("feddyn", FedDynParams, FedDynServer, FedDynClient)

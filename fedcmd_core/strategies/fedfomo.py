@@ -13,7 +13,7 @@ paper's exploration in spirit (we do not run its epsilon-greedy schedule), and a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Annotated, Any
@@ -24,6 +24,7 @@ from pydantic import Field, StringConstraints
 
 from fedcmd_core.params import Arrays, flatten, float_keys, load_arrays, model_arrays, weighted_average
 from fedcmd_core.strategies.base import (
+    Algorithm,
     ClientContext,
     ClientStrategy,
     HyperParams,
@@ -31,6 +32,7 @@ from fedcmd_core.strategies.base import (
     ServerContext,
     ServerStrategy,
     Task,
+    Update,
 )
 from fedcmd_core.training import evaluate
 
@@ -87,9 +89,8 @@ class FedFomoInfo(NoInfo):
 
 
 class FedFomoServer(ServerStrategy):
-    name = "fedfomo"
-    Params = FedFomoParams
     Info = FedFomoInfo
+    state_fields = ("P", "models", "previous", "rng")
 
     def __init__(self, params: FedFomoParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -117,14 +118,13 @@ class FedFomoServer(ServerStrategy):
     def configure_evaluate(self, rnd: int, cid: int) -> Task:
         return Task(rnd, "evaluate", {}, {})  # each device evaluates its own model
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
-        done = [c for c in cids if c in self.pending]
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
+        done = list(updates)
         for c in done:
-            update = self.pending[c]
+            update = updates[c]
             self.models[c] = {k: np.array(v, copy=True) for k, v in update.arrays.items()}
             for j, w in _weights(update.info.get("weights"), self.ctx.num_clients):
                 self.P[c, j] += w
-        self.pending.clear()
         self.previous = done
         return {}
 
@@ -145,9 +145,6 @@ def _weights(reported: Any, num_clients: int) -> list[tuple[int, float]]:
 
 
 class FedFomoClient(ClientStrategy):
-    name = "fedfomo"
-    Params = FedFomoParams
-
     def __init__(self, params: FedFomoParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         self.params: FedFomoParams = params
@@ -191,3 +188,6 @@ class FedFomoClient(ClientStrategy):
         arrays, info = super().upload(task, received)
         info["weights"] = {str(j): w for j, w in self.weights.items()}
         return arrays, info
+
+
+ALGORITHM = Algorithm("fedfomo", FedFomoParams, FedFomoServer, FedFomoClient)

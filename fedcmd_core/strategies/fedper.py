@@ -3,7 +3,7 @@ stays on each device; the body is averaged as in FedAvg."""
 
 from __future__ import annotations
 
-from fedcmd_core.strategies.base import ClientStrategy
+from fedcmd_core.strategies.base import Algorithm, ClientStrategy
 from fedcmd_core.strategies.fedavg import FedAvgParams, FedAvgServer
 
 
@@ -12,14 +12,13 @@ class FedPerParams(FedAvgParams):
 
 
 class FedPerServer(FedAvgServer):
-    name = "fedper"
-    Params = FedPerParams
-
     def shared_keys(self, rnd: int) -> list[str]:
         personal = set(self.ctx.spec.keys_of(self.params.personal_layers))
         return [k for k in super().shared_keys(rnd) if k not in personal]
 
 
 class FedPerClient(ClientStrategy):
-    name = "fedper"
-    Params = FedPerParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("fedper", FedPerParams, FedPerServer, FedPerClient)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, Task
+from fedcmd_core.strategies.base import Algorithm, ClientContext, ClientStrategy, Task
 from fedcmd_core.strategies.fedavg import FedAvgParams, FedAvgServer
 from fedcmd_core.training import LossTerm
 
@@ -22,14 +22,10 @@ class FedProxParams(FedAvgParams):
 
 
 class FedProxServer(FedAvgServer):
-    name = "fedprox"
-    Params = FedProxParams
+    """Cloud side: FedAvg's; the proximal term lives on the device."""
 
 
 class FedProxClient(ClientStrategy):
-    name = "fedprox"
-    Params = FedProxParams
-
     def __init__(self, params: FedProxParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         self.params: FedProxParams = params
@@ -51,3 +47,6 @@ class FedProxClient(ClientStrategy):
             return 0.5 * mu * total
 
         return proximal
+
+
+ALGORITHM = Algorithm("fedprox", FedProxParams, FedProxServer, FedProxClient)

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from fedcmd_core.models import layer_of
-from fedcmd_core.strategies.base import ClientContext, ClientStrategy, Task
+from fedcmd_core.strategies.base import Algorithm, ClientContext, ClientStrategy, Task
 from fedcmd_core.strategies.fedper import FedPerParams, FedPerServer
 
 
@@ -25,14 +25,10 @@ class FedRepParams(FedPerParams):
 
 
 class FedRepServer(FedPerServer):
-    name = "fedrep"
-    Params = FedRepParams
+    """Cloud side: FedPer's (the head stays local, the body is averaged); the schedule lives on the device."""
 
 
 class FedRepClient(ClientStrategy):
-    name = "fedrep"
-    Params = FedRepParams
-
     def __init__(self, params: FedRepParams, ctx: ClientContext) -> None:
         super().__init__(params, ctx)
         self.params: FedRepParams = params
@@ -60,3 +56,6 @@ class FedRepClient(ClientStrategy):
 
     def trainable(self, task: Task) -> list[nn.Parameter]:
         return self._split()[0]  # evaluation fine-tuning: the head only
+
+
+ALGORITHM = Algorithm("fedrep", FedRepParams, FedRepServer, FedRepClient)

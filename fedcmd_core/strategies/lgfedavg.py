@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerContext, ServerStrategy
+from fedcmd_core.strategies.base import Algorithm, ClientStrategy, HyperParams, ServerContext, ServerStrategy
 
 
 class LGFedAvgParams(HyperParams):
@@ -20,8 +20,6 @@ class LGFedAvgParams(HyperParams):
 
 
 class LGFedAvgServer(ServerStrategy):
-    name = "lgfedavg"
-    Params = LGFedAvgParams
     send_full_first = False  # local layers start from the (seeded) initial model every device already has
 
     def __init__(self, params: LGFedAvgParams, ctx: ServerContext) -> None:
@@ -40,5 +38,7 @@ class LGFedAvgServer(ServerStrategy):
 
 
 class LGFedAvgClient(ClientStrategy):
-    name = "lgfedavg"
-    Params = LGFedAvgParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("lgfedavg", LGFedAvgParams, LGFedAvgServer, LGFedAvgClient)

@@ -3,12 +3,10 @@ The lower bound every federated method must beat on shared structure."""
 
 from __future__ import annotations
 
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerStrategy
+from fedcmd_core.strategies.base import Algorithm, ClientStrategy, HyperParams, ServerStrategy
 
 
 class LocalOnlyServer(ServerStrategy):
-    name = "local"
-    Params = HyperParams
     send_full_first = False
 
     def shared_keys(self, rnd: int) -> list[str]:
@@ -16,5 +14,7 @@ class LocalOnlyServer(ServerStrategy):
 
 
 class LocalOnlyClient(ClientStrategy):
-    name = "local"
-    Params = HyperParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("local", HyperParams, LocalOnlyServer, LocalOnlyClient)

@@ -9,7 +9,7 @@ but never sent back. BatchNorm statistics stay on the device in both phases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,15 @@ from pydantic import Field
 
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, unflatten
-from fedcmd_core.strategies.base import ClientStrategy, HyperParams, ServerContext, ServerStrategy, Task
+from fedcmd_core.strategies.base import (
+    Algorithm,
+    ClientStrategy,
+    HyperParams,
+    ServerContext,
+    ServerStrategy,
+    Task,
+    Update,
+)
 
 
 class PFedSimParams(HyperParams):
@@ -30,8 +38,7 @@ def warmup_rounds(value: float, global_epoch: int) -> int:
 
 
 class PFedSimServer(ServerStrategy):
-    name = "pfedsim"
-    Params = PFedSimParams
+    state_fields = ("weights", "bodies", "heads")
 
     def __init__(self, params: PFedSimParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
@@ -81,12 +88,12 @@ class PFedSimServer(ServerStrategy):
         arrays = unflatten(body, self.global_arrays, self.body_keys)
         return Task(rnd, "fit", arrays, {"upload": self.body_keys + self.personal_keys})
 
-    def end_round(self, rnd: int, cids: Sequence[int]) -> dict[str, Any]:
+    def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
         if rnd < self.warmup:
-            return super().end_round(rnd, cids)
-        done = [c for c in cids if c in self.pending]
+            return super().aggregate(rnd, updates)
+        done = list(updates)
         for c in done:
-            arrays: Arrays = self.pending[c].arrays
+            arrays: Arrays = updates[c].arrays
             self.bodies[c] = flatten(arrays, self.body_keys)
             self.heads[c] = _weight_rows(arrays, self.personal_keys)
         if len(done) > 1:
@@ -95,7 +102,6 @@ class PFedSimServer(ServerStrategy):
                 for b, j in enumerate(done):
                     if i != j:
                         self.weights[i, j] = max(0.0, float(sims[a, b]))
-        self.pending.clear()
         self._round_bodies = {}
         return {}
 
@@ -108,5 +114,7 @@ def _weight_rows(arrays: Arrays, keys: Sequence[str]) -> np.ndarray:
 
 
 class PFedSimClient(ClientStrategy):
-    name = "pfedsim"
-    Params = PFedSimParams
+    """Device side: plain local training (the base class's)."""
+
+
+ALGORITHM = Algorithm("pfedsim", PFedSimParams, PFedSimServer, PFedSimClient)
