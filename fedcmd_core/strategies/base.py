@@ -398,5 +398,10 @@ class Algorithm:
         if not issubclass(self.params, HyperParams):
             raise TypeError(f"algorithm {self.name!r}: params must be a HyperParams model")
         for side in (self.server, self.client):
+            # A class belongs to one record: a second record may not rename it or swap its Params.
+            own_name, own_params = side.__dict__.get("name"), side.__dict__.get("Params")
+            if (own_name is not None and own_name != self.name) or (own_params not in (None, self.params)):
+                raise TypeError(f"algorithm {self.name!r}: {side.__name__} already belongs to algorithm {own_name!r}")
+        for side in (self.server, self.client):
             side.name = self.name
             side.Params = self.params
