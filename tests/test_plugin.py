@@ -26,7 +26,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fedcmd-median"
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package pip-installed into a folder of its own (offline: no build isolation)."""
     target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "fedcmd-median"
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # builds stay out of the repo
+    # pip builds in the source folder: build a copy, so nothing lands in the repository
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
          str(target), str(source)],
