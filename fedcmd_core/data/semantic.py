@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .datasets import Dataset
+from .dataset import Dataset
 from .errors import DataError
 
 if TYPE_CHECKING:
-    from .partition import PartitionArgs
+    from .partition_args import PartitionArgs
 
 FEATURES = ("pca",)
 GMM_INITS = ("kmeans", "k-means++", "random", "random_from_data")

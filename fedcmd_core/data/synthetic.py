@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .datasets import Dataset
+from .dataset import Dataset
 from .errors import DataError
 
 

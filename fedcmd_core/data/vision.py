@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .datasets import Dataset
+from .dataset import Dataset
 from .errors import DataError
 
 EMNIST_SPLITS: dict[str, int] = {
