@@ -114,7 +114,7 @@ def test_server_momentum_adds_its_push_to_every_body() -> None:
 
 def test_the_round_sends_the_mixed_bodies_and_reports_its_mixing_diagnostics() -> None:
     """Through the round's own path: begin_round mixes for the sampled devices, the fit task carries the
-    body (never the personal layer), end_round returns the diagnostics, each computed by hand."""
+    body (never the personal layer), aggregate returns the diagnostics, each computed by hand."""
     server = _server(**DESCRIBED)
     server.begin_round(RND, [0, 1])
     task = server.configure_fit(RND, 0)
@@ -122,7 +122,7 @@ def test_the_round_sends_the_mixed_bodies_and_reports_its_mixing_diagnostics() -
     np.testing.assert_allclose(task.arrays["fc1.weight"], [[1.2, 1.0]], **F32)
     np.testing.assert_allclose(server.configure_fit(RND, 1).arrays["fc1.weight"], [[0.75, 1.0]], **F32)
     np.testing.assert_array_equal(server.sent[0], np.float32([1.2, 1.0]))  # what server_lr steps from next
-    facts = server.end_round(RND, [])
+    facts = server.aggregate(RND, {})
     assert facts["mixed_bodies"] == 3.0
     # ages (1, 1, 2): client 0 0.4 + 0.2 + 0.8 = 1.4, client 1 0.25 + 0.5 + 0.5 = 1.25
     assert facts["staleness"] == pytest.approx((1.4 + 1.25) / 2, rel=1e-12)
@@ -135,7 +135,7 @@ def test_the_round_sends_the_mixed_bodies_and_reports_its_mixing_diagnostics() -
 def test_the_default_round_reports_only_fresh_bodies() -> None:
     server = _server()
     server.begin_round(RND, [0, 1])
-    facts = server.end_round(RND, [])
+    facts = server.aggregate(RND, {})
     # two bodies of round 3, mixed in round 4: age 1; w = (2/3, 1/3) and (1/3, 2/3): 1 / (5/9) = 9/5 each
     assert (facts["mixed_bodies"], facts["staleness"]) == (2.0, pytest.approx(1.0))
     assert facts["effective_bodies"] == pytest.approx(9 / 5, rel=1e-12)
