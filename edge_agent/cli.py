@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from fedcmd_core.atomic import atomic_write  # stdlib only, too
 from fedcmd_core.cli_exit import EXIT_CONFIG, EXIT_DISK, EXIT_RETRY  # stdlib only: fine on an inference-only install
 
 app = typer.Typer(
@@ -207,9 +208,7 @@ def _check_state_dir(state_dir: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 @app.command("export-onnx")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcmd_core.atomic import atomic_write
 from fedcmd_core.params import load_arrays
 from fedcmd_core.runspec import RunSpec
 from fedcmd_core.state_tree import StateError, load_state_file
@@ -93,11 +94,7 @@ def export_model(
             entry.key, entry.value = f"fedcmd.{key}", str(value)
         proto.producer_name = "fedcmd"
         onnx.checker.check_model(proto)
-        with open(tmp, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, proto.SerializeToString())
     finally:
         model.train(was_training)
         tmp.unlink(missing_ok=True)

@@ -4,15 +4,20 @@ to safetensors, the structure and every scalar to JSON, with integer dict keys a
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# DiskError and check_writable are imported from here by the CLI layers as well
+from fedcmd_core.atomic import DiskError, atomic_write, check_writable
+
+__all__ = [
+    "DiskError", "StateError", "check_writable", "flatten_state", "load_state_file", "save_state_file",
+    "unflatten_state",
+]
 
 
 class StateError(ValueError):
@@ -84,30 +89,6 @@ def _decode(node: Any, arrays: dict[str, np.ndarray]) -> Any:
     raise StateError(f"unknown state tag {tag!r}")
 
 
-class DiskError(OSError):
-    """A file or folder could not be written: a read-only or full disk, a file where a folder should be.
-    Commands report it in one line and exit 4 (``fedcmd_core.cli_exit.EXIT_DISK``)."""
-
-    def __init__(self, message: str, errno_: int | None = None) -> None:
-        super().__init__(errno_, message)
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass  # never created, or the disk refuses even that: nothing more we can do
-
-
-def _write_all(fd: int, blob: bytes) -> None:
-    view = memoryview(blob)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def save_state_file(path: str | Path, values: dict[str, Any], meta: dict[str, str] | None = None) -> None:
     """Write ``values`` to ``path`` atomically: a temporary file, fsync, rename, fsync of the folder.
     A crash at any point leaves either the old file or the new one, never a torn one. A failed write
@@ -117,55 +98,7 @@ def save_state_file(path: str | Path, values: dict[str, Any], meta: dict[str, st
 
     arrays, tree = flatten_state(values)
     metadata = {**(meta or {}), "fedcmd_state": json.dumps(tree)}
-    blob = save(arrays, metadata=metadata)
-    path = Path(path)
-    # pid and thread: agents of one simulation process save on their own threads
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            _write_all(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise DiskError(f"could not write {path}: {e.strerror or e}", e.errno) from e
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: the file system cannot sync folders; the rename stands
-            raise DiskError(f"could not sync the folder of {path}: {e.strerror or e}", e.errno) from e
-
-
-def check_writable(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` (and its parents) and prove a file can be written there, before any work starts.
-    ``what`` names the setting in the error, e.g. ``--checkpoint``. Returns the folder."""
-    folder = Path(folder)
-    probe = folder / f".fedcmd-write-probe-{os.getpid()}-{threading.get_ident()}"
-    if folder.exists() and not folder.is_dir():
-        raise DiskError(f"{what}: cannot write to {folder}: {os.strerror(errno.ENOTDIR)}", errno.ENOTDIR)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _write_all(fd, b"fedcmd")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        probe.unlink()
-    except OSError as e:
-        _remove_quietly(probe)
-        raise DiskError(f"{what}: cannot write to {folder}: {e.strerror or e}", e.errno) from e
-    return folder
+    atomic_write(path, save(arrays, metadata=metadata))
 
 
 def load_state_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:

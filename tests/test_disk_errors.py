@@ -237,3 +237,21 @@ def test_run_folder_writer_reports_a_disk_error_and_leaves_no_partial_folder(tmp
     with run_output.staged(out, force=False) as folder:
         run_output.write_run(result, folder, "log")
     assert (out / "summary.json").is_file() and _leftovers(tmp_path) == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails_and_keeps_an_explicit_mode(tmp_path: Path) -> None:
+    from fedcmd_core.atomic import atomic_write
+
+    path = atomic_write(tmp_path / "f.bin", b"old")
+
+    def half_then_crash(f) -> None:
+        f.write(b"new, half")
+        raise RuntimeError("the writer died")
+
+    with pytest.raises(RuntimeError, match="the writer died"):
+        atomic_write(path, half_then_crash)
+    assert path.read_bytes() == b"old" and _leftovers(tmp_path) == []
+    atomic_write(path, "text as UTF-8 ✓", mode=0o600)
+    assert path.read_text() == "text as UTF-8 ✓" and path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(DiskError, match="could not create the folder"):
+        atomic_write(path / "below-a-file" / "x", b"", make_parents=True)

@@ -15,7 +15,6 @@ their data as train, and the other clients test-only; ``meta["train_clients"]`` 
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedcmd_core.atomic import atomic_write
 
 from .dataset import Dataset
 from .datasets import DATASET_NAMES
@@ -65,14 +66,7 @@ class Partition:
             arrays[f"test_{c}"] = np.asarray(te, dtype=np.int64)
         if self.label_histogram is not None:
             arrays["histogram"] = np.asarray(self.label_histogram, dtype=np.int64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays), make_parents=True)
 
     @classmethod
     def load(cls, path: str | Path, dataset: Dataset | None = None) -> Partition:

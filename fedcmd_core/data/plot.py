@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from fedcmd_core.atomic import atomic_write
 
 
 def plot_label_distribution(histogram: np.ndarray, path: str | Path, title: str = "") -> Path:
@@ -39,12 +40,4 @@ def plot_label_distribution(histogram: np.ndarray, path: str | Path, title: str 
                   bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"), make_parents=True)

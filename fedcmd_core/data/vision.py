@@ -8,16 +8,17 @@ Nothing is downloaded unless ``download=True``; a missing file raises DataError 
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from fedcmd_core.atomic import atomic_write
 
 from .dataset import Dataset
 from .errors import DataError
@@ -109,13 +110,13 @@ def _extract_gz(path: Path) -> None:
     gz = path.with_name(path.name + ".gz")
     if path.is_file() or not gz.is_file():
         return
-    tmp = path.with_name(path.name + ".part")
-    try:
-        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+    def unpack(dst: BinaryIO) -> None:
+        with gzip.open(gz, "rb") as src:
             shutil.copyfileobj(src, dst)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, unpack)
     except (OSError, EOFError) as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"could not unpack {gz}: {e}; replace it with a good copy") from e
 
 
