@@ -26,8 +26,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli_bench import bench_app
-
 console = Console()
 progress = Console(stderr=True)  # the "measuring ..." lines: --json output stays clean
 BASELINE = ("fedavg", "none")  # the row every other row is divided by
@@ -127,7 +125,6 @@ def _with_ratio(r: dict[str, Any], key: str, text: str) -> str:
     return text if ratio is None else f"{text} ({ratio:.2f}x)"
 
 
-@bench_app.command("fleet")
 def fleet(
     agents: int = typer.Option(100, "--agents", min=2, help="MQTT agents (each its own client and connection)"),
     per_round: int = typer.Option(10, "--per-round", min=1, help="clients sampled per round"),

@@ -43,8 +43,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloud.cli_bench import bench_app
-
 FLEET = "sim"  # the fleet name of `fedcmd simulate` (cloud.simulate.FLEET)
 MARKER = 0.0042  # added to every forged float tensor: an aggregated forgery moves the model
 STATES = ("online", "offline", "unhealthy", "incompatible")
@@ -732,7 +730,7 @@ def child_main() -> None:
     import logging
     import resource
 
-    import cloud.simulate as simulate
+    import cloud.sim_setup as simulate  # run_coordinator lives there
     from cloud import fleet_sim
     from cloud.config import resolve
     from cloud.coordinator import Coordinator
@@ -1291,7 +1289,6 @@ def passed(rep: dict[str, Any]) -> bool:
             and rep["structured_sent"] - rep["late_messages"] >= rep["settings"]["messages"])
 
 
-@bench_app.command("hostile")
 def hostile(
     messages: int = typer.Option(10_000, "--messages", min=1, help="structured near-valid messages (hypothesis)"),
     junk: int = typer.Option(2_000, "--junk", min=0, help="raw junk and chunk-envelope junk messages"),

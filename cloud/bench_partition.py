@@ -19,8 +19,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli_bench import bench_app
-
 GIVE_UP_TARGET_S = 5.0
 
 
@@ -60,7 +58,6 @@ def run_partition_bench(clients: int = 50, alpha: float = 0.1, least: int = 40, 
     }
 
 
-@bench_app.command("partition")
 def partition(
     clients: int = typer.Option(50, "--clients", min=2),
     alpha: float = typer.Option(0.1, "--alpha", min=1e-6),

@@ -26,22 +26,35 @@ app = typer.Typer(
 console = Console(stderr=False)
 
 
+# The whole command tree in one place: sub-apps, the commands mounted on them, top-level commands from
+# other modules. No module registers itself by being imported.
 SUBCOMMANDS = (
     ("cloud.cli_data", "data_app", "data", "Partition datasets among clients and inspect partitions."),
     ("cloud.cli_cloud", "cloud_app", "cloud", "The coordinator service: serve a fleet, read its status."),
     ("cloud.cli_bench", "bench_app", "bench", "Benchmarks: kernels against their named baselines."),
     ("cloud.cli_deploy", "deploy_app", "deploy", "Deployment: TLS certificates, password file, ACL, systemd units."),
 )
+# (sub-app module, sub-app, command name, module of the command function, function)
+SUBAPP_COMMANDS = (
+    ("cloud.cli_bench", "bench_app", "fleet", "cloud.bench_fleet", "fleet"),
+    ("cloud.cli_bench", "bench_app", "partition", "cloud.bench_partition", "partition"),
+    ("cloud.cli_bench", "bench_app", "hostile", "cloud.bench_hostile", "hostile"),
+)
+COMMANDS = (("experiment", "cloud.cli_experiment", "experiment"),)  # (name, module, function) on the main app
 
 
 def _mount_subcommands() -> None:
     import importlib
 
+    def load(module: str, attr: str) -> Any:
+        return getattr(importlib.import_module(module), attr)
+
+    for app_module, app_attr, name, module, attr in SUBAPP_COMMANDS:
+        load(app_module, app_attr).command(name)(load(module, attr))
     for module, attr, name, help_text in SUBCOMMANDS:
-        app.add_typer(getattr(importlib.import_module(module), attr), name=name, help=help_text)
-    importlib.import_module("cloud.bench_fleet")  # adds `bench fleet` to the bench sub-app
-    importlib.import_module("cloud.bench_partition")  # adds `bench partition`
-    importlib.import_module("cloud.cli_experiment")  # adds the `experiment` command to the main app
+        app.add_typer(load(module, attr), name=name, help=help_text)
+    for name, module, attr in COMMANDS:
+        app.command(name)(load(module, attr))
 
 
 def _parse_hp(values: list[str] | None) -> dict[str, Any]:
@@ -319,6 +332,8 @@ _mount_subcommands()
 
 
 if __name__ == "__main__":  # `python -m cloud.cli`: run the one imported copy of this module, not __main__
-    from cloud.__main__ import main
+    import importlib
 
-    main()
+    from fedcmd_core.cli_exit import run_cli
+
+    run_cli(lambda: importlib.import_module("cloud.cli").app())

@@ -772,6 +772,3 @@ def kernels_cmd(
         render(rep, _out)
 
 
-# `bench hostile` lives in its own module and adds itself to bench_app; imported last because it imports
-# bench_app from here.
-import cloud.bench_hostile  # noqa: E402, F401

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cloud.cli import app, console
 from cloud.cli_errors import err_console, fail, print_error
 
+console = Console(stderr=False)
 
-@app.command("experiment")
+
 def experiment(
     grid_file: Path = typer.Argument(..., help="grid TOML: name, out, [grid] algos/datasets/alphas/seeds"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="parallel cell processes (default: core count)"),

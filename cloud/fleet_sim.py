@@ -20,7 +20,7 @@ from typing import Any
 
 from cloud.config import RunConfig, Unavailable
 from cloud.coordinator import RoundRecord
-from cloud.simulate import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
+from cloud.sim_setup import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
 from protocols.topics import presence_topic
 
 log = logging.getLogger("fedcmd.fleet")

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cloud", "edge_agent", "fedcmd_core", "protocols")
 # cloud modules that may import the device side: the simulations run real agents in-process, and the deploy
 # tools render the agent's own unit and inventory defaults (they move into cloud/sim and cloud/deploy).
-MAY_IMPORT_EDGE = {"cloud.simulate", "cloud.fleet_sim", "cloud.inventory", "cloud.systemd_units"}
+MAY_IMPORT_EDGE = {"cloud.sim_setup", "cloud.fleet_sim", "cloud.inventory", "cloud.systemd_units"}
 
 
 def _module(path: Path) -> str:
