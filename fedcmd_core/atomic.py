@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +38,11 @@ def atomic_write(
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DiskError(f"could not create the folder of {path}: {e.strerror or e}", e.errno) from e
-    # unique per writer: agents of one simulation process save on their own threads
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    # one temp name per writer (process and thread: agents of one simulation save on their own threads); a
+    # leftover of an earlier writer with the same name is overwritten
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         if callable(data):
             with os.fdopen(fd, "wb") as f:
                 _chmod(f.fileno(), mode)
