@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ runner = CliRunner()
 COMMON = "[common]\nglobal_epoch = 2\nclient_num = 5\nlocal_epoch = 1\nleast_samples = 5\njoin_ratio = 0.4\n"
 
 
-def _grid(tmp_path: Path, algos: str = '"fedavg", "local"', datasets: str = '"digits"', alphas: str = "0.5",
-          extra: str = "") -> Path:
+def _grid(
+    tmp_path: Path, algos: str = '"fedavg", "local"', datasets: str = '"digits"', alphas: str = "0.5", extra: str = ""
+) -> Path:
     path = tmp_path / "grid.toml"
     path.write_text(
         f'name = "tiny"\nout = "{tmp_path / "out"}"\n[grid]\nalgos = [{algos}]\ndatasets = [{datasets}]\n'
@@ -33,8 +36,11 @@ def test_tiny_grid_runs_tables_curves_resume_and_a_crashed_cell(tmp_path: Path) 
     out = tmp_path / "out"
     md = (out / "table.md").read_text()
     assert "## α = 0.5" in md and "| Method | digits | synthetic |" in md
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| fedavg") or
-            line.startswith("| local")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in md.splitlines()
+        if line.startswith("| fedavg") or line.startswith("| local")
+    }
     assert set(rows) == {"fedavg", "local"}
     assert " ± " in rows["fedavg"] and md.count("**") == 2 and md.count("<u>") == 1
     failed_log = out / "cells" / "fedavg" / "synthetic" / "a0.5" / "s1.failed.log"
@@ -44,6 +50,17 @@ def test_tiny_grid_runs_tables_curves_resume_and_a_crashed_cell(tmp_path: Path) 
         table = list(csv.reader(f))
     assert table[0] == ["alpha", "algorithm", "digits", "synthetic"]
     assert all(" ± " in r[2] and r[3].startswith("failed (") for r in table[1:])
+    # every finished cell is the mean ± population std of its seeds' paper metrics, recomputed here
+    for row in table[1:]:
+        seeds = [
+            json.loads((out / "cells" / row[1] / "digits" / "a0.5" / f"s{s}" / "summary.json").read_text())
+            for s in (1, 2)
+        ]
+        metrics = [float(m["paper_metric"]) for m in seeds]
+        assert all(0 < m <= 100 for m in metrics) and all(m["rounds"] == 2 for m in seeds)
+        assert row[2] == f"{statistics.fmean(metrics):.2f} ± {statistics.pstdev(metrics):.2f}", (row, metrics)
+    best = max(table[1:], key=lambda r: float(r[2].split(" ± ")[0]))
+    assert rows[best[1]].count(f"**{best[2]}**") == 1
     png = out / "curves-digits.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     summaries = sorted((out / "cells").glob("*/digits/a0.5/s*/summary.json"))
@@ -68,12 +85,16 @@ def test_tiny_grid_runs_tables_curves_resume_and_a_crashed_cell(tmp_path: Path) 
         ({"extra": "[hp.fedavg]\nnot_a_knob = 3\n"}, "cell fedavg/digits/a0.5/s1: bad hyper-parameter for fedavg", 2),
         ({"extra": '[dataset.digits]\nroot = "/no/such/root"\n'}, "cell fedavg/digits/a0.5/s1: dataset root", 4),
         ({"extra": '[variant.odd]\nalgo = "fedcmd"\n'}, "[variant.odd] is not listed in [grid] algos", 1),
-        ({"algos": '"fedavg", "relay"', "extra": '[variant.relay]\nalgo = "fedcmd"\nbody_mode = "sideways"\n'},
-         "cell relay/digits/a0.5/s1: bad hyper-parameter for fedcmd: body_mode", 2),
+        (
+            {"algos": '"fedavg", "relay"', "extra": '[variant.relay]\nalgo = "fedcmd"\nbody_mode = "sideways"\n'},
+            "cell relay/digits/a0.5/s1: bad hyper-parameter for fedcmd: body_mode",
+            2,
+        ),
     ],
 )
-def test_bad_grid_is_rejected_before_any_cell_runs(tmp_path: Path, kwargs: dict[str, str], expected: str,
-                                                 count: int) -> None:
+def test_bad_grid_is_rejected_before_any_cell_runs(
+    tmp_path: Path, kwargs: dict[str, str], expected: str, count: int
+) -> None:
     res = runner.invoke(app, ["experiment", str(_grid(tmp_path, **kwargs))])
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("error:")]
@@ -134,8 +155,11 @@ def test_workers_die_with_a_killed_grid(tmp_path: Path) -> None:
     grid = _grid(tmp_path, extra="").read_text().replace("global_epoch = 2", "global_epoch = 500")
     (tmp_path / "grid.toml").write_text(grid)
     fedcmd = Path(sys.executable).parent / "fedcmd"
-    proc = subprocess.Popen([str(fedcmd), "experiment", str(tmp_path / "grid.toml"), "--jobs", "2", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(fedcmd), "experiment", str(tmp_path / "grid.toml"), "--jobs", "2", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         end = time.monotonic() + 60
         workers: set[int] = set()
@@ -152,3 +176,43 @@ def test_workers_die_with_a_killed_grid(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_table_cells_are_mean_and_population_std_of_the_seeds_by_hand(tmp_path: Path) -> None:
+    """write_tables on summaries written here: each cell is mean ± std over seeds (ddof 0), the best of a
+    column bold, the second underlined, a cell with a failed seed says so and is not ranked."""
+    from cloud.experiment import failed_log, load_grid, write_tables
+
+    grid = load_grid(_grid(tmp_path, algos='"fedavg", "local", "fedper"', datasets='"digits", "synthetic"'))
+    metrics = {  # (algo, dataset) -> paper metric of seed 1, seed 2 (None: the seed failed)
+        ("fedavg", "digits"): (90.0, 94.0),  # 92.00 ± 2.00 (the sample std would be 2.83)
+        ("local", "digits"): (80.0, 81.0),  # 80.50 ± 0.50
+        ("fedper", "digits"): (95.5, 96.5),  # 96.00 ± 0.50: best
+        ("fedavg", "synthetic"): (70.0, 71.0),  # 70.50 ± 0.50: best (fedper failed)
+        ("local", "synthetic"): (60.0, 62.0),  # 61.00 ± 1.00: second
+        ("fedper", "synthetic"): (65.0, None),
+    }
+    for cell in grid.cells:
+        value = metrics[cell.algo, cell.dataset][cell.seed - 1]
+        if value is None:
+            failed_log(cell, grid.out).parent.mkdir(parents=True, exist_ok=True)
+            failed_log(cell, grid.out).write_text("boom\n")
+            continue
+        cell.folder(grid.out).mkdir(parents=True)
+        (cell.folder(grid.out) / "summary.json").write_text(json.dumps({"paper_metric": value}))
+    md_path, csv_path = write_tables(grid)
+    with csv_path.open() as f:
+        table = list(csv.reader(f))
+    failed = failed_log(
+        next(c for c in grid.cells if c.algo == "fedper" and c.dataset == "synthetic" and c.seed == 2), grid.out
+    )
+    assert table == [
+        ["alpha", "algorithm", "digits", "synthetic"],
+        ["0.5", "fedavg", "92.00 ± 2.00", "70.50 ± 0.50"],
+        ["0.5", "local", "80.50 ± 0.50", "61.00 ± 1.00"],
+        ["0.5", "fedper", "96.00 ± 0.50", f"failed ({failed})"],
+    ]
+    md = md_path.read_text().splitlines()
+    assert "| fedavg | <u>92.00 ± 2.00</u> | **70.50 ± 0.50** |" in md
+    assert "| local | 80.50 ± 0.50 | <u>61.00 ± 1.00</u> |" in md
+    assert f"| fedper | **96.00 ± 0.50** | failed ({failed}) |" in md
