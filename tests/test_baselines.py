@@ -84,14 +84,16 @@ def run(
 def assert_sane(algo: str, res: SimulationResult) -> None:
     """Training ran and stayed finite. The honest final number (every client's personalized accuracy) is
     recorded for the report; at this budget (a few 1-epoch rounds at alpha 0.1) a global model is still
-    near chance, so the > 10 % bar is on the accuracy right after the last rounds' local training."""
+    near chance, so the bar is on the accuracy right after the last rounds' local training: twice chance
+    (20 %). Measured means of the last three rounds: fedap 21.8, fedbn 22.8, lgfedavg 24.6, fedbabu 26.3,
+    feddyn 33.1, fedcmd_noweight 34.7, fedfomo 39.5, fedprox 40.4, fedrep 51.3 (chance: 10)."""
     for r in res.records:
         assert all(math.isfinite(v) for v in r.metrics.values()), (r.round, r.metrics)
     final = res.final["test_before_acc"]
     assert math.isfinite(final) and 0 <= final <= 100
     print(f"\n{algo}: final personalized accuracy {final:.2f} %")  # pytest -s: the report's sanity table
     after = [r.metrics["test_after_acc"] for r in res.records[-3:]]
-    assert np.mean(after) > 10, after
+    assert np.mean(after) > 20, after
 
 
 def fits(messages: list[Message], kind: str, rnd: int | None = None) -> list[tuple[Any, dict[str, np.ndarray]]]:
