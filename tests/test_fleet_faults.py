@@ -387,34 +387,39 @@ def test_coordinator_sigkilled_inside_rounds_resumes_to_the_uninterrupted_run_bi
 def test_agent_killed_mid_round_round_closes_once_its_will_arrives_and_agent_rejoins(
     tmp_path: Path, shared_partition: Path, mosquitto_broker
 ) -> None:
-    from protocols.codec import decode
-    from protocols.mqtt import MqttTransport
-    from protocols.topics import task_topic
-
     url = mosquitto_broker.url
     deadline = 10.0
-    # enough rounds (~0.3 s each) for the restarted agent to come back (it imports torch) before the end
-    # 5 local epochs: the agent is still training when the kill lands right after its task arrives
-    config = _serve_config(tmp_path, url, rounds=120, local_epoch=5, round_deadline=deadline)
+    # enough rounds (~0.15 s each) for the restarted agent to come back (it imports torch) before the end
+    config = _serve_config(tmp_path, url, rounds=200, round_deadline=deadline)
     agents = [_agent(url, c, shared_partition, tmp_path, "--no-onnx") for c in range(3)]
     serve = _serve(config, tmp_path)
-    probe = MqttTransport(url, "probe-tasks")
-    tasked: list[int] = []
-    probe.subscribe(task_topic("faults", 2), lambda t, p: tasked.append(decode(p)[0].round))
+    traffic = Traffic(url, "faults", range(3))
     try:
         _wait(lambda: _status(url).get("next_round", 0) >= 2, 300, "two finished rounds")
-        probe.run_until(lambda: False, 0.5)  # deliver what the probe already queued, then forget it
-        tasked.clear()
-        assert probe.run_until(lambda: bool(tasked), 120), "agent 2 was never tasked"
-        os.kill(agents[2].pid, signal.SIGKILL)  # while it trains on its task
-        killed_round = tasked[-1]
+        # agent 2 is paused the moment its next answer is out, then killed once its next task is sent: it dies
+        # holding a task it never answered (deterministic, whatever the training time)
+        paused: list[int] = []
+        first = max((r for (c, r) in traffic.updates if c == 2), default=-1) + 1
+        for r in range(first, first + 5):  # the first of these answers still to come pauses it
+
+            def pause(r: int = r) -> None:
+                if not paused:
+                    os.kill(agents[2].pid, signal.SIGSTOP)
+                    paused.append(r)
+
+            traffic.on_update[2, r, 1] = pause
+        _until(lambda: bool(paused), 120, "agent 2's next answer")
+        killed_round = paused[0] + 1  # all three devices are sampled every round
+        _until(lambda: traffic.tasks[2, killed_round] > 0, 120, "agent 2's next task")
+        os.kill(agents[2].pid, signal.SIGKILL)
         agents[2].wait(10)
+        assert traffic.updates[2, killed_round] == 0
         _wait(lambda: _status(url).get("next_round", 0) >= killed_round + 3, 120, "rounds without agent 2")
         agents[2] = _agent(url, 2, shared_partition, tmp_path, "--no-onnx")  # same state dir: it rejoins
         _wait(lambda: _status(url).get("online", 0) >= 3, 120, "agent 2 back online")
         assert serve.wait(300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         rows = _rows(tmp_path)
-        assert len(rows) == 120
+        assert len(rows) == 200
         row = rows[killed_round]
         assert "2" in row["sampled"].split() and "2" not in row["answered"].split()
         assert len(row["answered"].split()) >= 2  # quorum held: the round was aggregated
@@ -424,7 +429,7 @@ def test_agent_killed_mid_round_round_closes_once_its_will_arrives_and_agent_rej
         assert any("2" in a for a in later), "the restarted agent did not rejoin"
         assert (tmp_path / "state-2" / "client-2.state.safetensors").is_file()
     finally:
-        probe.close()
+        traffic.close()
         for p in [serve, *agents]:
             if p.poll() is None:
                 p.kill()
