@@ -15,43 +15,10 @@ from cloud.fleet_sim import _worker
 from cloud.simulate import FLEET, SimulationResult, build_and_run, prepare, run_coordinator
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    ("algo", "hp"),
-    [("fedavg", {}), ("fedcmd", {"selection_rounds": 2}), ("fedcmd", {"selection_rounds": 1, "body_mode": "relay"})],
-)
-def test_memory_and_mqtt_runs_agree(shared_partition: Path, mosquitto_broker, algo: str, hp: dict) -> None:
-    values = {
-        "algo": algo,
-        "dataset": "mnist5k",
-        "partition": shared_partition,
-        "join_ratio": 0.1,
-        "global_epoch": 4,
-        "local_epoch": 1,
-        "seed": 9,
-        "test_gap": 0,
-        "hp": hp,
-        "threads": 1,
-    }
-    memory = build_and_run(resolve({}, dict(values)))
-    mqtt = build_and_run(resolve({}, {**values, "transport": "mqtt", "broker": mosquitto_broker.url, "workers": 2}))
-    assert [r.clients for r in mqtt.records] == [r.clients for r in memory.records]
-    for a, b in zip(memory.records, mqtt.records):
-        assert a.metrics.keys() == b.metrics.keys()
-        for key in ("test_before_acc", "test_after_acc"):
-            assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-6), (a.round, key)
-        assert b.bytes_down == a.bytes_down
-        assert b.bytes_up == a.bytes_up  # header floats are fixed-width: no timing or last-bit digits in it
-    assert mqtt.final["test_before_acc"] == pytest.approx(memory.final["test_before_acc"], abs=1e-6)
-    assert mqtt.strategy_summary.get("chosen_layer") == memory.strategy_summary.get("chosen_layer")
-
-
-# Every other algorithm over MQTT too: 4 rounds, with warm-ups and selection short enough that both phases
-# of a two-phase method cross the broker. Same per-round accuracies as the in-memory run. The agents are
-# fedcmd's own worker (cloud.fleet_sim._worker: every agent its own MQTT client, network thread and model)
-# run on a thread of this process instead of a spawned process: what crosses the broker is the same, and the
-# spawn, which is the same for every algorithm, is tested above; it cost ~4x the run itself (a torch import
-# and a cold first round per worker, twelve times).
+# A run over MQTT without spawning: fedcmd's own agent worker (cloud.fleet_sim._worker: every agent its own
+# MQTT client, network thread and model) on a thread of this process. What crosses the broker is the same; the
+# spawn, the same for every algorithm, is tested by the spawned cases below. A spawned worker costs ~4x the
+# run itself (a torch import and a cold first round), which twelve baselines paid over and over.
 def _mqtt_run_in_process(values: dict[str, Any], url: str) -> SimulationResult:
     from protocols.mqtt import MqttTransport
 
@@ -73,6 +40,49 @@ def _mqtt_run_in_process(values: dict[str, Any], url: str) -> SimulationResult:
         transport.close()
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("algo", "hp", "spawned"),
+    [
+        ("fedavg", {}, True),  # agents in two spawned worker processes, as `fedcmd simulate --transport mqtt`
+        ("fedcmd", {"selection_rounds": 2}, False),  # the same worker code on a thread (see below)
+        ("fedcmd", {"selection_rounds": 1, "body_mode": "relay"}, True),  # the body relayed across processes
+    ],
+)
+def test_memory_and_mqtt_runs_agree(
+    shared_partition: Path, mosquitto_broker, algo: str, hp: dict, spawned: bool
+) -> None:
+    values = {
+        "algo": algo,
+        "dataset": "mnist5k",
+        "partition": shared_partition,
+        "join_ratio": 0.1,
+        "global_epoch": 4,
+        "local_epoch": 1,
+        "seed": 9,
+        "test_gap": 0,
+        "hp": hp,
+        "threads": 1,
+    }
+    memory = build_and_run(resolve({}, dict(values)))
+    if spawned:
+        mqtt = build_and_run(resolve({}, {**values, "transport": "mqtt", "broker": mosquitto_broker.url, "workers": 2}))
+    else:
+        mqtt = _mqtt_run_in_process(values, mosquitto_broker.url)
+    assert [r.clients for r in mqtt.records] == [r.clients for r in memory.records]
+    for a, b in zip(memory.records, mqtt.records):
+        assert a.metrics.keys() == b.metrics.keys()
+        for key in ("test_before_acc", "test_after_acc"):
+            assert b.metrics[key] == pytest.approx(a.metrics[key], abs=1e-6), (a.round, key)
+        assert b.bytes_down == a.bytes_down
+        assert b.bytes_up == a.bytes_up  # header floats are fixed-width: no timing or last-bit digits in it
+    assert mqtt.final["test_before_acc"] == pytest.approx(memory.final["test_before_acc"], abs=1e-6)
+    assert mqtt.strategy_summary.get("chosen_layer") == memory.strategy_summary.get("chosen_layer")
+
+
+# Every other algorithm over MQTT too (agents on a thread, _mqtt_run_in_process): 4 rounds, with warm-ups and
+# selection short enough that both phases of a two-phase method cross the broker. Same per-round accuracies as
+# the in-memory run.
 TWO_PHASE = {"warmup_round": 2}
 OVER_MQTT = [
     ("local", {}),
