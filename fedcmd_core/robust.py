@@ -36,8 +36,11 @@ def _group(key: str) -> str:
 def _compared(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> list[str]:
     # In name order: a decoded frame's arrays come in the order of safetensors' (Rust) hash map, different in
     # every process, and a float sum over the entries depends on its order (norms differed in the last bit).
-    return [k for k in float_keys(trained, sorted(k for k in trained if k in sent))
-            if np.issubdtype(np.asarray(sent[k]).dtype, np.floating)]
+    return [
+        k
+        for k in float_keys(trained, sorted(k for k in trained if k in sent))
+        if np.issubdtype(np.asarray(sent[k]).dtype, np.floating)
+    ]
 
 
 def update_norms(trained: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> dict[str, float]:
