@@ -55,7 +55,8 @@ def main() -> None:
     assert base is not None, "the FedAvg fp32 run failed: no baseline"
     base_total = base[0] + base[1]
     lines = [
-        "| algorithm | down / round (MiB) | up fp32 | up fp16 | up int8 | total fp32 vs FedAvg | total int8 vs FedAvg |",
+        "| algorithm | down / round (MiB) | up fp32 | up fp16 | up int8 | total fp32 vs FedAvg "
+        "| total int8 vs FedAvg |",
         "|---|---|---|---|---|---|---|",
     ]
     for a in ALGOS:
