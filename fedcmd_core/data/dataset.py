@@ -4,10 +4,12 @@ partitioners depend on it and not on each other)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by the loaders that build tensors, not by the CLI's first import
+    import torch
 
 
 @dataclass

