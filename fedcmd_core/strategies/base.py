@@ -15,6 +15,7 @@ import time
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -99,6 +100,10 @@ class ServerContext:
     # "trimmed_mean" (drops trim_ratio of the values at each end) and "median".
     aggregation: Literal["mean", "trimmed_mean", "median"] = "mean"
     trim_ratio: float = 0.1
+    # Per-client bodies the cloud keeps (FedCMD): bytes in memory before the oldest go to memory-mapped
+    # files under spill_dir (0: all in memory; spill_dir None: the system's temporary folder).
+    body_budget_bytes: int = 0
+    spill_dir: Path | None = None
 
 
 # ----------------------------------------------------------------------------------------- cloud side
@@ -204,7 +209,9 @@ class ServerStrategy(ABC):
         return names
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.state_version, "fields": {n: getattr(self, n) for n in self.checkpointed_fields()}}
+        # a field that stores itself (a BodyStore) gives its plain state
+        values = {n: getattr(self, n) for n in self.checkpointed_fields()}
+        return {"version": self.state_version, "fields": {n: _plain(v) for n, v in values.items()}}
 
     def load_state_dict(self, state: Any) -> None:
         version = state.get("version") if isinstance(state, dict) else None
@@ -222,7 +229,16 @@ class ServerStrategy(ABC):
                 f"(missing {missing}, unexpected {extra}): it was written by another fedcmd; start a new run"
             )
         for n in expected:
-            setattr(self, n, fields[n])
+            current = getattr(self, n, None)
+            if hasattr(current, "load_state"):
+                current.load_state(fields[n])
+            else:
+                setattr(self, n, fields[n])
+
+
+def _plain(value: Any) -> Any:
+    to_state = getattr(value, "to_state", None)
+    return to_state() if callable(to_state) else value
 
 
 # ---------------------------------------------------------------------------------------- device side

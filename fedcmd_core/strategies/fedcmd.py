@@ -38,6 +38,7 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
+from fedcmd_core.strategies.bodies import BodyStore
 
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
 
@@ -155,9 +156,11 @@ class FedCMDServer(ServerStrategy):
         self.chosen: str | None = None
         self.body_keys: list[str] = []
         self.personal_keys: list[str] = []
-        self.bodies: dict[int, np.ndarray] = {}  # detached flattened trainable state per client
+        # the two per-client body stores share the context's memory budget (bodies.py: the rest spills to disk)
+        half = ctx.body_budget_bytes // 2
+        self.bodies = BodyStore(half, ctx.spill_dir, "bodies")  # detached flattened trainable state per client
         self.body_round: dict[int, int] = {}  # the round each stored body comes from
-        self.sent: dict[int, np.ndarray] = {}  # the body each client last started from (for server_lr)
+        self.sent = BodyStore(half, ctx.spill_dir, "sent")  # the body each client last started from (server_lr)
         self.deltas: dict[int, dict[str, np.ndarray]] = {}  # personal-candidate updates per client
         self.sizes: dict[int, int] = {}
         self.sim: np.ndarray | None = None
@@ -268,8 +271,9 @@ class FedCMDServer(ServerStrategy):
         self.personal_keys = [k for k in self.trainable if k in personal]
         self.body_keys = [k for k in self.trainable if k not in personal]
         # Stored phase-1 models become bodies; their chosen-layer updates seed the similarities.
-        self.bodies = {c: self._body_from_full(v) for c, v in self.bodies.items()}
-        self.sent = {c: self._body_from_full(v) for c, v in self.sent.items()}
+        for store in (self.bodies, self.sent):
+            for c in list(store):
+                store[c] = self._body_from_full(store[c])
         self.relay_body = flatten(self.global_arrays, self.body_keys)
         self._update_similarity()
 
