@@ -129,6 +129,10 @@ def simulate(
     state_dir: Optional[Path] = typer.Option(
         None, "--state-dir", "--state_dir", help="agents keep their state here (resumable)"
     ),
+    body_budget_mb: Optional[float] = typer.Option(
+        None, "--body-budget-mb", help="FedCMD: MB of per-client bodies the cloud keeps in memory; "
+        "the rest in memory-mapped files under --state-dir (0, the default: all in memory)"
+    ),
     aggregation: Optional[str] = typer.Option(
         None, "--aggregation", help="mean (default), trimmed_mean or median: how averaging rounds combine updates"
     ),

@@ -78,6 +78,9 @@ class RunConfig(TrainingSettings):
     round_deadline: PositiveFloat | None = None
     checkpoint: Path | None = Field(None, description="coordinator checkpoint; an existing one is resumed")
     state_dir: Path | None = Field(None, description="where agents keep their state between rounds/restarts")
+    # FedCMD's per-client bodies the cloud keeps: MB in memory, the rest in memory-mapped files under
+    # state_dir (or the temporary folder); 0: all in memory
+    body_budget_mb: NonNegativeFloat = 0.0
     # One thread: LeNet-sized batches gain little from two, and lose 5x when another process holds a core.
     threads: PositiveInt = Field(1, description="torch intra-op threads")
     out: Path | None = None

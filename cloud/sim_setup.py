@@ -172,7 +172,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     except ValidationError as e:
         raise ConfigError(f"dataset {cfg.dataset!r}: {first_error(e)}") from None
     try:
-        server = build_server(spec, model)
+        spill = cfg.state_dir / "cloud-bodies" if cfg.state_dir is not None else None
+        server = build_server(spec, model, int(cfg.body_budget_mb * 2**20), spill)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.attackers > partition.num_clients:

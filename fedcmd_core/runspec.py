@@ -14,6 +14,7 @@ paths as TOML strings.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -174,13 +175,16 @@ class RunSpec(TrainingSettings):
             ) from None
 
 
-def build_server(spec: RunSpec, model: torch.nn.Module | None = None) -> ServerStrategy:
+def build_server(
+    spec: RunSpec, model: torch.nn.Module | None = None, body_budget_bytes: int = 0, spill_dir: Path | None = None
+) -> ServerStrategy:
     from fedcmd_core.strategies import ModelSpec, ServerContext, algorithm, parse_params
 
     server_cls, _ = algorithm(spec.algo)
     model = model if model is not None else spec.build_model()
     ctx = ServerContext(ModelSpec.from_model(model), spec.num_clients, spec.global_epoch, spec.seed,
-                        aggregation=spec.aggregation, trim_ratio=spec.trim_ratio)
+                        aggregation=spec.aggregation, trim_ratio=spec.trim_ratio,
+                        body_budget_bytes=body_budget_bytes, spill_dir=spill_dir)
     return server_cls(parse_params(spec.algo, spec.hp), ctx)
 
 

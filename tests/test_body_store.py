@@ -22,13 +22,13 @@ def test_a_budget_spills_the_oldest_bodies_to_files_and_reads_them_back(tmp_path
     for c, b in bodies.items():
         store[c] = b
     assert store.memory_bytes <= 10_000 and store.spilled == 8 and len(store) == 10
-    assert sorted(p.name for p in tmp_path.rglob("*.npy")) == sorted(f"{c}.npy" for c in range(8))
+    assert sorted(int(p.name.split("-")[0]) for p in tmp_path.rglob("*.npy")) == list(range(8))
     for c, b in bodies.items():
         np.testing.assert_array_equal(store[c], b)
     assert isinstance(store[0], np.memmap) and not store[0].flags.writeable  # spilled: read-only map
     assert not isinstance(store[9], np.memmap)
     store[0] = np.zeros(1000, np.float32)  # a new body for a spilled client: its file goes
-    assert not (next(tmp_path.rglob("bodies-*")) / "0.npy").exists() and store[0].sum() == 0
+    assert not list(tmp_path.rglob("0-*.npy")) and store[0].sum() == 0
     del store[1]
     assert 1 not in store and len(store) == 9
     state = store.to_state()
@@ -38,6 +38,25 @@ def test_a_budget_spills_the_oldest_bodies_to_files_and_reads_them_back(tmp_path
     assert again == store and again.spilled == 0
     store.close()
     assert len(store) == 0 and list(tmp_path.rglob("*.npy")) == []
+
+
+def test_a_deep_copy_is_a_snapshot_that_outlives_changes_to_the_original(tmp_path: Path) -> None:
+    import copy
+
+    store = BodyStore(budget_bytes=8_000, spill_dir=tmp_path)
+    for c in range(6):
+        store[c] = np.full(1000, c, np.float32)
+    snap = copy.deepcopy(store)
+    assert snap.memory_bytes == store.memory_bytes and snap == store
+    store[0] = np.full(1000, -1, np.float32)  # spilled client overwritten: its old file is unlinked
+    store[5] = np.full(1000, -5, np.float32)  # in-memory client overwritten
+    store.close()  # the original gone entirely (as after the coordinator restores a snapshot)
+    assert [float(snap[c][0]) for c in range(6)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    snap[6] = np.full(1000, 6, np.float32)  # the snapshot spills on into the same folder
+    snap[7] = np.full(1000, 7, np.float32)
+    assert snap.spilled > store.spilled - 1 and float(snap[6][0]) == 6.0
+    snap.close()
+    assert list(tmp_path.rglob("*.npy")) == []
 
 
 def test_no_budget_keeps_everything_in_memory(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 _stores = itertools.count()
+_files = itertools.count()
 
 
 class BodyStore(MutableMapping[int, np.ndarray]):
@@ -32,6 +33,8 @@ class BodyStore(MutableMapping[int, np.ndarray]):
         self._name = f"{name}-{os.getpid()}-{next(_stores)}"
         self._mem: dict[int, np.ndarray] = {}  # insertion order = write order: the first is the oldest
         self._disk: dict[int, np.ndarray] = {}  # client -> read-only memory map of its spilled body
+        self._files: dict[int, Path] = {}  # client -> the file its map reads
+        self._owned: set[Path] = set()  # files this store wrote (a copy shares, never deletes, the others)
         self._mem_bytes = 0
         self.spilled = 0  # bodies written to disk so far (a measure of the budget's pressure)
 
@@ -88,33 +91,55 @@ class BodyStore(MutableMapping[int, np.ndarray]):
         if body is not None:
             self._mem_bytes -= body.nbytes
         if self._disk.pop(cid, None) is not None:
-            self._path(cid).unlink(missing_ok=True)
+            path = self._files.pop(cid)
+            if path in self._owned:  # an open map of it (a copy's) stays valid after the unlink
+                self._owned.discard(path)
+                path.unlink(missing_ok=True)
 
-    def _path(self, cid: int) -> Path:
+    def _new_path(self, cid: int) -> Path:
+        # every spill gets a new name: a file is never rewritten while a copy of the store may map it
         if self._folder is None:
             root = self._spill_root
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
             self._folder = Path(tempfile.mkdtemp(prefix=f"{self._name}-", dir=root))
-        return self._folder / f"{cid}.npy"
+        self._folder.mkdir(parents=True, exist_ok=True)
+        return self._folder / f"{cid}-{next(_files)}.npy"
 
     def _spill(self, cid: int) -> None:
         body = self._mem.pop(cid)
         self._mem_bytes -= body.nbytes
-        path = self._path(cid)
+        path = self._new_path(cid)
         np.save(path, np.ascontiguousarray(body), allow_pickle=False)
         self._disk[cid] = np.load(path, mmap_mode="r", allow_pickle=False)
+        self._files[cid] = path
+        self._owned.add(path)
         self.spilled += 1
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> BodyStore:
+        """A snapshot (the coordinator's, to retry an aggregation): the in-memory bodies copied, the spilled
+        ones shared read-only (their files are never rewritten, only unlinked, and a map outlives that)."""
+        copy = BodyStore.__new__(BodyStore)
+        copy.__dict__.update(self.__dict__)
+        copy._mem = {c: b.copy() for c, b in self._mem.items()}
+        copy._disk, copy._files, copy._owned = dict(self._disk), dict(self._files), set()
+        memo[id(self)] = copy
+        return copy
+
     def close(self) -> None:
-        """Remove the spill files (the store is empty afterwards)."""
-        self.clear()
+        """Remove this store's spill files (the store is empty afterwards)."""
+        self._mem.clear()
+        self._mem_bytes = 0
+        self._disk.clear()
+        self._files.clear()
+        for path in self._owned:
+            path.unlink(missing_ok=True)
+        self._owned.clear()
         if self._folder is not None:
             try:
-                self._folder.rmdir()
+                self._folder.rmdir()  # fails while a copy's files are there: the last one out removes it
             except OSError:
                 pass
-            self._folder = None
 
     def __del__(self) -> None:
         try:
