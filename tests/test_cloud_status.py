@@ -34,7 +34,7 @@ def test_the_shipped_example_config_is_valid() -> None:
     cfg = load_serve_config(Path(__file__).resolve().parents[1] / "deploy" / "cloud.example.toml")
     assert cfg.run.algo == "fedcmd" and cfg.run.hp["server_lr"] == 8.0
     server = build_server(cfg.run)
-    assert server.params.max_staleness == 1
+    assert server.params.max_staleness == 1 and server.params.server_momentum == 0.3
 
 
 def test_bad_serve_config_is_one_line(tmp_path) -> None:

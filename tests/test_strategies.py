@@ -176,8 +176,11 @@ def _phase2_round(server, spec, rnd: int, cids: list[int], rng: np.random.Genera
 def test_fedcmd_default_mixes_last_rounds_bodies_and_steps_along_their_update() -> None:
     """The default (docs/RESEARCH.md, issue 11): only bodies from the last round, similarity-weighted,
     plus (server_lr - 1) times the weighted mean of their updates theta_j - start_j."""
-    assert parse_params("fedcmd", {}) == parse_params("fedcmd", {"max_staleness": 1, "server_lr": 8.0})
-    server, spec = _server("fedcmd", num_clients=4, rounds=6, selection_rounds=1)
+    assert parse_params("fedcmd", {}) == parse_params(
+        "fedcmd", {"max_staleness": 1, "server_lr": 8.0, "server_momentum": 0.3}
+    )
+    # the step by hand, without the momentum term (its own test below)
+    server, spec = _server("fedcmd", num_clients=4, rounds=6, selection_rounds=1, server_momentum=0.0)
     rng = np.random.default_rng(2)
     trainable = spec.trainable_keys()
     server.begin_round(0, [0, 1, 2, 3])

@@ -10,7 +10,8 @@ order, which is what the released code computed (REFERENCE.md §6).
 
 Defaults (issue 11, docs/RESEARCH.md): the weighted form mixes only the bodies of the last round
 (``max_staleness=1``) and steps ``server_lr=8`` times along their similarity-weighted update,
-body_i = sum_j Phi_ij theta_j + (server_lr - 1) sum_j Phi_ij (theta_j - start_j); every device of a round
+body_i = sum_j Phi_ij theta_j + (server_lr - 1) sum_j Phi_ij (theta_j - start_j), plus server momentum
+(``server_momentum=0.3``, FedAvgM-style: 8 x 0.3 x the previous rounds' velocity); every device of a round
 trains at the same time. ``variant="described"`` is the paper's literal form (all stored bodies, plain
 mixing: max_staleness 0, server_lr 1), which collapses at alpha >= 0.5 (docs/REPRODUCING.md).
 """
@@ -66,8 +67,8 @@ DESCRIBED = {"max_staleness": 0, "server_lr": 1.0, "server_momentum": 0.0}
 
 class FedCMDParams(SelectionParams):
     """Defaults: the parallel form chosen in docs/RESEARCH.md (issue 11): only the bodies of the last round
-    are mixed and the cloud steps ``server_lr`` times along the mixed update. ``variant="described"`` is
-    the paper's literal form (all stored bodies, plain mixing)."""
+    are mixed, the cloud steps ``server_lr`` times along the mixed update, with server momentum 0.3.
+    ``variant="described"`` is the paper's literal form (all stored bodies, plain mixing)."""
 
     variant: Literal["default", "described"] = Field(
         "default", description="described: the paper's literal form (max_staleness 0, server_lr 1)"
@@ -83,7 +84,7 @@ class FedCMDParams(SelectionParams):
         8.0, gt=0, description="weighted mode: step on the mixed body update; 1 is the paper's plain mixing"
     )
     server_momentum: float = Field(
-        0.0, ge=0, lt=1, description="weighted mode: FedAvgM-style momentum on the round's mean body update"
+        0.3, ge=0, lt=1, description="weighted mode: FedAvgM-style momentum on the round's mean body update"
     )
 
     @model_validator(mode="before")
