@@ -52,9 +52,11 @@ def test_a_deep_copy_is_a_snapshot_that_outlives_changes_to_the_original(tmp_pat
     store[5] = np.full(1000, -5, np.float32)  # in-memory client overwritten
     store.close()  # the original gone entirely (as after the coordinator restores a snapshot)
     assert [float(snap[c][0]) for c in range(6)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    before = snap.spilled
     snap[6] = np.full(1000, 6, np.float32)  # the snapshot spills on into the same folder
     snap[7] = np.full(1000, 7, np.float32)
-    assert snap.spilled > store.spilled - 1 and float(snap[6][0]) == 6.0
+    assert snap.spilled == before + 2 and float(snap[6][0]) == 6.0 and float(snap[7][0]) == 7.0
+    assert len(list(tmp_path.rglob("*.npy"))) == len(snap._owned) == 2  # only the snapshot's own files left
     snap.close()
     assert list(tmp_path.rglob("*.npy")) == []
 
