@@ -12,7 +12,7 @@ import importlib
 def main() -> None:
     from fedcmd_core.cli_exit import run_cli
 
-    run_cli(lambda: importlib.import_module("cloud.cli").app())
+    run_cli(lambda: importlib.import_module("cloud.cli.main").app())
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class RunConfig(TrainingSettings):
     # One thread: LeNet-sized batches gain little from two, and lose 5x when another process holds a core.
     threads: PositiveInt = Field(1, description="torch intra-op threads")
     out: Path | None = None
-    # attack simulation (cloud/attacks.py): this many of the simulated devices are malicious
+    # attack simulation (cloud/sim/attacks.py): this many of the simulated devices are malicious
     attackers: NonNegativeInt = 0
     attack: AttackName = "scale"
     attack_scale: PositiveFloat = 1e6

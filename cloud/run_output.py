@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cloud.config import ConfigError, RunConfig
-from cloud.simulate import SimulationResult
+from cloud.sim.simulate import SimulationResult
 from fedcmd_core.state_tree import DiskError
 
 METRIC_COLUMNS = [

@@ -26,7 +26,7 @@ def run(args: tuple[str, float, str]) -> list[dict]:
     import torch
 
     from cloud.config import resolve
-    from cloud.simulate import build_and_run
+    from cloud.sim.simulate import build_and_run
 
     torch.set_num_threads(1)
     dataset, alpha, form = args

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cloud.attacks import MaliciousClient, pick_attackers, poison
-from cloud.cli import app
+from cloud.cli.main import app
 from cloud.config import resolve
-from cloud.simulate import build_and_run
+from cloud.sim.attacks import MaliciousClient, pick_attackers, poison
+from cloud.sim.simulate import build_and_run
 from fedcmd_core.runspec import RunSpec, build_client
 from fedcmd_core.strategies import ClientData, Task
 

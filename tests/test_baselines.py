@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cloud.config import resolve
-from cloud.simulate import SimulationResult, build_and_run, load_data
+from cloud.sim.simulate import SimulationResult, build_and_run, load_data
 from fedcmd_core.data import Dataset, Partition
 from fedcmd_core.models import build_model, is_bn_statistic, layer_of
 from fedcmd_core.params import flatten, load_arrays, model_arrays

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("paho.mqtt")
 pytest.importorskip("hypothesis")
 
-from cloud.bench_hostile import Forger, TaskSeen, Templates, build_message, generate_plans, passed, run_bench
+from cloud.bench.hostile import Forger, TaskSeen, Templates, build_message, generate_plans, passed, run_bench
 from protocols.broker import mosquitto_path
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto")
@@ -51,8 +51,8 @@ def test_every_forgery_is_refused_by_the_coordinator_and_valid_without_its_inval
     import logging
 
     from cloud.config import resolve
-    from cloud.coordinator import Coordinator, RoundSettings
-    from cloud.simulate import FLEET, prepare
+    from cloud.service.coordinator import Coordinator, RoundSettings
+    from cloud.sim.simulate import FLEET, prepare
     from protocols.memory import MemoryTransport
 
     logging.getLogger("fedcmd.cloud").setLevel(logging.ERROR)  # one warning per reject

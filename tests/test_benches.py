@@ -14,10 +14,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cloud import cli_bench
-from cloud.bench_fleet import RATIO_KEYS, add_ratios, render
-from cloud.cli import app
-from cloud.fleet_sim import peak_rss_mb
+from cloud.bench import kernels as cli_bench
+from cloud.bench.fleet import RATIO_KEYS, add_ratios, render
+from cloud.cli.main import app
+from cloud.sim.fleet import peak_rss_mb
 
 runner = CliRunner()
 

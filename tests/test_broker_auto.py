@@ -9,7 +9,7 @@ import pytest
 
 import protocols.broker as broker_module
 from cloud.config import resolve
-from cloud.simulate import build_and_run
+from cloud.sim.simulate import build_and_run
 
 
 @pytest.mark.timeout(300)

@@ -172,8 +172,8 @@ def test_coordinator_survives_an_outage_mid_round(shared_partition: Path, mosqui
     ``stop``: SIGTERM; mosquitto 2.0 first sends every connected client's last will (the coordinator
     hears all its devices go offline). ``crash``: SIGKILL, no wills."""
     from cloud.config import resolve
-    from cloud.coordinator import RoundRecord
-    from cloud.simulate import FLEET, build_and_run, make_agent, prepare, run_coordinator
+    from cloud.service.coordinator import RoundRecord
+    from cloud.sim.simulate import FLEET, build_and_run, make_agent, prepare, run_coordinator
     from protocols.topics import presence_topic
 
     values = {

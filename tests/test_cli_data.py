@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli_data import data_app
+from cloud.cli.data import data_app
 from fedcmd_core.data import Partition, PartitionArgs, load_dataset, make_partition
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

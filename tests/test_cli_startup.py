@@ -11,7 +11,7 @@ import pytest
 PROBE = """
 import sys
 from typer.testing import CliRunner
-from cloud.cli import app
+from cloud.cli.main import app
 result = CliRunner().invoke(app, sys.argv[1:])
 assert "torch" not in sys.modules, "torch was imported"
 print("exit", result.exit_code)

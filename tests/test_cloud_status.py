@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from cloud.cli import app
+from cloud.cli.main import app
 from protocols.mqtt import MqttTransport
 from protocols.topics import status_topic
 
@@ -28,7 +28,7 @@ def test_status_prints_the_retained_status(mosquitto_broker) -> None:
 def test_the_shipped_example_config_is_valid() -> None:
     from pathlib import Path
 
-    from cloud.serve import load_serve_config
+    from cloud.service.serve import load_serve_config
     from fedcmd_core.runspec import build_server
 
     cfg = load_serve_config(Path(__file__).resolve().parents[1] / "deploy" / "cloud.example.toml")

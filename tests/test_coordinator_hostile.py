@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from cloud.config import resolve
-from cloud.coordinator import Coordinator, RoundSettings
-from cloud.simulate import FLEET, build_and_run, make_agent, prepare, run_coordinator
+from cloud.service.coordinator import Coordinator, RoundSettings
+from cloud.sim.simulate import FLEET, build_and_run, make_agent, prepare, run_coordinator
 from fedcmd_core import robust
 from fedcmd_core.runspec import RunSpec, build_server
 from fedcmd_core.strategies import Task

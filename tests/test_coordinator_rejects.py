@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud.coordinator import Coordinator, RoundSettings
+from cloud.service.coordinator import Coordinator, RoundSettings
 from fedcmd_core.runspec import RunSpec, build_server
 from fedcmd_core.strategies import Task
 from protocols.codec import Header, encode

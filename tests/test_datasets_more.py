@@ -306,7 +306,7 @@ def test_lenet5_fits_every_new_input_shape(shape: tuple[int, ...]) -> None:
 
 
 def test_simulate_runs_one_round_on_a_tiny_cinic10_root(tmp_path: Path) -> None:
-    from cloud.cli import app
+    from cloud.cli.main import app
 
     write_cinic(tmp_path / "data", per_class=2)
     out = tmp_path / "run"
@@ -324,7 +324,7 @@ def test_simulate_runs_one_round_on_a_tiny_cinic10_root(tmp_path: Path) -> None:
 def test_simulate_loads_the_dataset_as_its_partition_was_made(tmp_path: Path) -> None:
     """A partition of CelebA limited to one celebrity (--max-users 1) indexes 5 images: simulate reloads the
     dataset with the options the partition recorded, not the full 11-image set."""
-    from cloud.cli import app
+    from cloud.cli.main import app
 
     write_celeba(tmp_path)
     part = tmp_path / "p.npz"

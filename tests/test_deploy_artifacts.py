@@ -4,7 +4,7 @@
   (``systemd --test`` loads units as PID 1 would and dumps every setting, no PID 1 needed) and must
   get back exactly the argv we meant, also for paths with spaces, quotes, ``%`` and ``$``;
   ``systemd-analyze verify`` accepts them without a single warning.
-* mosquitto: the shipped config agrees with ``cloud.security.broker_config()`` and, started for real
+* mosquitto: the shipped config agrees with ``cloud.deploy.security.broker_config()`` and, started for real
   (paths and port rewritten), refuses plain MQTT and bad logins and enforces the fleet ACL.
 * Docker: no daemon here; the compose file parses, everything it and the Dockerfile name exists, the
   torch pins are the Makefile's.
@@ -28,9 +28,9 @@ import pytest
 from test_security import WAIT, Client
 from typer.testing import CliRunner
 
-from cloud import security, systemd_units
-from cloud.cli import app
-from cloud.inventory import load_inventory, parse_inventory
+from cloud.cli.main import app
+from cloud.deploy import security, systemd_units
+from cloud.deploy.inventory import load_inventory, parse_inventory
 from edge_agent.profiles import PROFILES
 from protocols import topics
 from protocols.broker import free_port, mosquitto_path
@@ -619,7 +619,7 @@ def test_cloud_status_reads_the_shipped_tls_broker_as_observer(shipped_broker: t
 
     from typer.testing import CliRunner
 
-    from cloud.cli import app
+    from cloud.cli.main import app
     from protocols.mqtt import connect
     from protocols.topics import status_topic
 

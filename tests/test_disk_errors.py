@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
+from cloud.cli.main import app
 from cloud.config import resolve
 from fedcmd_core.state_tree import DiskError, check_writable, load_state_file, save_state_file
 
@@ -80,7 +80,7 @@ def test_save_below_a_file_is_a_disk_error(tmp_path: Path) -> None:
 def test_checkpoint_on_a_disk_that_fills_up_mid_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """simulate: the first checkpoint writes fine, the disk is full from the next one on: DiskError, the
     previous checkpoint readable, no temp file (before: a traceback and a .tmp file)."""
-    from cloud.simulate import build_and_run
+    from cloud.sim.simulate import build_and_run
 
     ckpt = tmp_path / "state" / "ckpt.safetensors"
     cfg = resolve({}, {"algo": "fedavg", "dataset": "synthetic", "model": "2nn", "client_num": 4, "join_ratio": 1.0,
@@ -179,7 +179,7 @@ def test_serve_checkpoint_failing_after_round_1_is_a_disk_error_with_status_stop
 
     import torch
 
-    from cloud.serve import ServeConfig, serve
+    from cloud.service.serve import ServeConfig, serve
     from edge_agent.agent import Agent
     from fedcmd_core.runspec import build_client
     from fedcmd_core.strategies import ClientData
@@ -221,7 +221,7 @@ def test_serve_checkpoint_failing_after_round_1_is_a_disk_error_with_status_stop
 
 def test_run_folder_writer_reports_a_disk_error_and_leaves_no_partial_folder(tmp_path: Path) -> None:
     from cloud import run_output
-    from cloud.simulate import build_and_run
+    from cloud.sim.simulate import build_and_run
 
     result = build_and_run(resolve({}, {"algo": "fedavg", "dataset": "synthetic", "model": "2nn", "client_num": 3,
                                         "join_ratio": 1.0, "global_epoch": 1, "local_epoch": 0, "test_gap": 0}))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cloud.config import resolve
-from cloud.simulate import SimulationResult, build_and_run
+from cloud.sim.simulate import SimulationResult, build_and_run
 from protocols.memory import MemoryTransport
 
 CLIENTS_PER_ROUND = 5  # 50 clients in the shared partition, join_ratio 0.1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
+from cloud.cli.main import app
 
 runner = CliRunner()
 COMMON = "[common]\nglobal_epoch = 2\nclient_num = 5\nlocal_epoch = 1\nleast_samples = 5\njoin_ratio = 0.4\n"
@@ -104,7 +104,7 @@ def test_bad_grid_is_rejected_before_any_cell_runs(
 
 
 def test_variant_rows_carry_their_algorithm_and_hyper_parameters(tmp_path: Path) -> None:
-    from cloud.experiment import load_grid, validate
+    from cloud.experiment.grid import load_grid, validate
 
     extra = '[hp.fedcmd]\ntau = 0.5\n[variant.fedcmd-relay]\nalgo = "fedcmd"\nbody_mode = "relay"\n'
     grid = load_grid(_grid(tmp_path, algos='"fedcmd", "fedcmd-relay"', extra=extra))
@@ -115,7 +115,7 @@ def test_variant_rows_carry_their_algorithm_and_hyper_parameters(tmp_path: Path)
 
 
 def test_shipped_grids_validate(tmp_path: Path) -> None:
-    from cloud.experiment import load_grid, validate
+    from cloud.experiment.grid import load_grid, validate
 
     repo = Path(__file__).resolve().parents[1]
     offline = load_grid(repo / "experiments" / "offline.toml")
@@ -181,7 +181,7 @@ def test_workers_die_with_a_killed_grid(tmp_path: Path) -> None:
 def test_table_cells_are_mean_and_population_std_of_the_seeds_by_hand(tmp_path: Path) -> None:
     """write_tables on summaries written here: each cell is mean ± std over seeds (ddof 0), the best of a
     column bold, the second underlined, a cell with a failed seed says so and is not ranked."""
-    from cloud.experiment import failed_log, load_grid, write_tables
+    from cloud.experiment.grid import failed_log, load_grid, write_tables
 
     grid = load_grid(_grid(tmp_path, algos='"fedavg", "local", "fedper"', datasets='"digits", "synthetic"'))
     metrics = {  # (algo, dataset) -> paper metric of seed 1, seed 2 (None: the seed failed)

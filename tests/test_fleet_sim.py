@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 from cloud.config import resolve
-from cloud.fleet_sim import _worker
-from cloud.simulate import FLEET, SimulationResult, build_and_run, prepare, run_coordinator
+from cloud.sim.fleet import _worker
+from cloud.sim.simulate import FLEET, SimulationResult, build_and_run, prepare, run_coordinator
 
 
-# A run over MQTT without spawning: fedcmd's own agent worker (cloud.fleet_sim._worker: every agent its own
+# A run over MQTT without spawning: fedcmd's own agent worker (cloud.sim.fleet._worker: every agent its own
 # MQTT client, network thread and model) on a thread of this process. What crosses the broker is the same; the
 # spawn, the same for every algorithm, is tested by the spawned cases below. A spawned worker costs ~4x the
 # run itself (a torch import and a cold first round), which twelve baselines paid over and over.

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
-from cloud.inventory import load_inventory
+from cloud.cli.main import app
+from cloud.deploy.inventory import load_inventory
 from edge_agent.profiles import PROFILES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.toml"

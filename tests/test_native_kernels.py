@@ -432,7 +432,7 @@ def test_cuda_kernels_match_cpu():
 def test_bench_kernels_quick_json():
     from typer.testing import CliRunner
 
-    from cloud.cli import app
+    from cloud.cli.main import app
 
     result = CliRunner().invoke(app, ["bench", "kernels", "--quick", "--json", "--repeat", "1"])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import torch
 from test_datasets_more import write_femnist
 from typer.testing import CliRunner
 
-from cloud.cli_data import data_app
+from cloud.cli.data import data_app
 from fedcmd_core.data import DATASET_NAMES, DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
 from fedcmd_core.data.semantic import gaussian_kl
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloud.config import resolve
-from cloud.simulate import build_and_run
+from cloud.sim.simulate import build_and_run
 
 
 class Crash(Exception):

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cloud import security
-from cloud.cli_deploy import deploy_app
+from cloud.cli.deploy import deploy_app
+from cloud.deploy import security
 from protocols import topics
 
 FLEET = "t"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
+from cloud.cli.main import app
 from cloud.config import ConfigError, RunConfig, resolve
-from cloud.serve import ServeConfig, load_serve_config
+from cloud.service.serve import ServeConfig, load_serve_config
 from fedcmd_core.runspec import RunSpec, TrainingSettings, build_server
 
 FEDCMD = Path(sys.executable).parent / "fedcmd"

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
+from cloud.cli.main import app
 from cloud.config import resolve
 from cloud.run_output import WALL_CLOCK_COLUMNS, WALL_CLOCK_FIELDS
-from cloud.simulate import build_and_run
+from cloud.sim.simulate import build_and_run
 
 runner = CliRunner()
 FAST = ["-jr", "0.1", "-ge", "4", "-le", "1", "-tg", "0", "--quiet"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cloud.config import resolve
-from cloud.simulate import SimulationResult, build_and_run
+from cloud.sim.simulate import SimulationResult, build_and_run
 from fedcmd_core.models import build_model, is_bn_statistic
 from fedcmd_core.params import flatten
 from fedcmd_core.selection import layer_distances, mode, round_mode

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloud.inventory import load_inventory
+from cloud.deploy.inventory import load_inventory
 from hil.coordinator import CoordinatorRun, serve_config
 from hil.fleet import Device, FleetUnderTest, Runner
 from hil.watch import Credentials, Watcher

@@ -38,7 +38,7 @@ def pytest_configure(config: pytest.Config) -> None:
     inventory = config.getoption("--fleet")
     if inventory is None:
         return
-    from cloud.inventory import InventoryError, load_inventory
+    from cloud.deploy.inventory import InventoryError, load_inventory
 
     try:  # a broken inventory is a usage error at start, not N failing tests
         load_inventory(inventory)
@@ -46,7 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--fleet {inventory}:\n" + "\n".join(e.lines)) from None
     cloud = config.getoption("--fleet-cloud-config")
     if cloud is not None:
-        from cloud.serve import load_serve_config
+        from cloud.service.serve import load_serve_config
 
         try:
             served = load_serve_config(cloud).fleet

@@ -1,6 +1,6 @@
 """``fedcmd simulate``: the coordinator and every client's agent in one process, over the in-memory
 transport (or, with ``transport = "mqtt"``, agents in worker processes over a real broker), through exactly
-the interfaces a real fleet uses. The parts are in ``cloud/sim_setup.py``."""
+the interfaces a real fleet uses. The parts are in ``cloud/sim/setup.py``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from cloud.config import RunConfig
-from cloud.coordinator import RoundRecord
-from cloud.sim_setup import (
+from cloud.service.coordinator import RoundRecord
+from cloud.sim.setup import (
     FLEET,
     Prepared,
     SimulationResult,
@@ -39,7 +39,7 @@ def build_and_run(
     check_paths(cfg)
     p = prepare(cfg)
     if cfg.transport == "mqtt":
-        from cloud.fleet_sim import run_mqtt_simulation
+        from cloud.sim.fleet import run_mqtt_simulation
 
         return run_mqtt_simulation(p, on_round=on_round, on_start=on_start, started=started)
     transport = transport or MemoryTransport()

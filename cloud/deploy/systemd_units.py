@@ -1,6 +1,6 @@
 """systemd units for a fleet: the coordinator's, and one agent unit per device of an inventory.
 
-Pure functions, no files: :func:`render_units` maps an :class:`~cloud.inventory.Inventory` to
+Pure functions, no files: :func:`render_units` maps an :class:`~cloud.deploy.inventory.Inventory` to
 ``{relative path: unit text}``; ``fedcmd deploy systemd`` writes that mapping. The shipped
 ``deploy/systemd/*.service`` files are this module's output for ``deploy/fleet.toml`` (device 0 for the
 agent), and tests/test_deploy_artifacts.py keeps them equal, so the two cannot drift apart.
@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-from cloud.inventory import Device, Inventory
+from cloud.deploy.inventory import Device, Inventory
 
 DEFAULT_PREFIX = "/opt/fedcmd"  # the venv fedcmd is installed in: PREFIX/bin/fedcmd, PREFIX/bin/fedcmd-edge
 CLOUD_CONFIG = "/etc/fedcmd/cloud.toml"
@@ -153,7 +153,7 @@ def coordinator_unit(prefix: str = DEFAULT_PREFIX, config: str = CLOUD_CONFIG) -
     argv = [(f"{_check_prefix(prefix)}/bin/fedcmd", "--prefix"), ("cloud", ""), ("serve", ""),
             ("--config", ""), (config, "config")]
     return f"""\
-# fedcmd coordinator. Rendered by `fedcmd deploy systemd` (cloud/systemd_units.py); install: deploy/README.md.
+# fedcmd coordinator. Rendered by `fedcmd deploy systemd` (cloud/deploy/systemd_units.py); install: deploy/README.md.
 # Relative paths in cloud.toml (checkpoint, out) resolve in the state directory /var/lib/fedcmd.
 [Unit]
 Description=fedcmd coordinator (federated learning over MQTT)
@@ -214,7 +214,7 @@ def agent_unit(inv: Inventory, dev: Device, prefix: str = DEFAULT_PREFIX) -> str
         )
     return f"""\
 # fedcmd edge agent, device {dev.id} of fleet {inv.fleet.name}{where} (profile {profile.name}).
-# Rendered by `fedcmd deploy systemd --inventory fleet.toml` (cloud/systemd_units.py): change the
+# Rendered by `fedcmd deploy systemd --inventory fleet.toml` (cloud/deploy/systemd_units.py): change the
 # inventory and render again rather than editing this file. Install: deploy/README.md.
 [Unit]
 Description=fedcmd edge agent (fleet {inv.fleet.name}, device {dev.id}, {profile.name})

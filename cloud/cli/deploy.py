@@ -1,6 +1,6 @@
 """``fedcmd deploy certs|users|acl|systemd``: broker security files and the fleet's systemd units.
 
-Thin command-line face of :mod:`cloud.security` and :mod:`cloud.systemd_units` (imported per command,
+Thin command-line face of :mod:`cloud.deploy.security` and :mod:`cloud.deploy.systemd_units` (imported per command,
 so that a machine without the ``cryptography`` package still has every other ``fedcmd`` command).
 See deploy/README.md and deploy/mosquitto/README.md.
 """
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cloud.cli_errors import fail, print_error
+from cloud.cli.errors import fail, print_error
 
 deploy_app = typer.Typer(
     help="Deployment: TLS certificates, the mosquitto password file and ACL, systemd units for a fleet.",
@@ -71,7 +71,7 @@ def certs(
 
     The CA in OUT is reused when present (its key is never replaced). Device certificates have
     CN = the device's MQTT username (its client id). Private keys are 0600."""
-    from cloud.security import SecurityError, parse_device_ids, write_certs
+    from cloud.deploy.security import SecurityError, parse_device_ids, write_certs
 
     try:
         ids = parse_device_ids(devices, count)
@@ -105,7 +105,7 @@ def users(
 
     Random passwords for the coordinator, the observer and each device; the file has mosquitto 2.0's
     PBKDF2-SHA512 format, as mosquitto_passwd writes it."""
-    from cloud.security import SecurityError, parse_device_ids, write_users
+    from cloud.deploy.security import SecurityError, parse_device_ids, write_users
 
     try:
         result = write_users(out, parse_device_ids(devices, count), password_dir=password_dir, add=add, force=force)
@@ -129,7 +129,7 @@ def acl(
 
     A device publishes only its own update and presence topics and reads only its own task topic and the
     fleet status; the coordinator reads every update and presence and writes every task and the status."""
-    from cloud.security import SecurityError, write_acl
+    from cloud.deploy.security import SecurityError, write_acl
 
     try:
         write_acl(out, fleet, force=force)
@@ -151,9 +151,9 @@ def systemd(
 
     Each agent unit runs `fedcmd-edge run` with the device's id, profile, data, dataset, state dir and
     credentials, under user fedcmd, hardened, with MemoryMax from the profile's memory budget."""
-    from cloud.inventory import InventoryError, load_inventory
-    from cloud.security import OutFile, SecurityError, write_files
-    from cloud.systemd_units import UnitError, render_units
+    from cloud.deploy.inventory import InventoryError, load_inventory
+    from cloud.deploy.security import OutFile, SecurityError, write_files
+    from cloud.deploy.systemd_units import UnitError, render_units
 
     try:
         inv = load_inventory(inventory)

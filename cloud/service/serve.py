@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationError, field_validator
 
 from cloud.config import ConfigError, Unavailable
-from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
+from cloud.service.coordinator import Coordinator, RoundRecord, RoundSettings
 from fedcmd_core.runspec import (
     NonNegativeFloat,
     NonNegativeInt,

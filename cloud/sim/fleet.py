@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cloud.config import RunConfig, Unavailable
-from cloud.coordinator import RoundRecord
-from cloud.sim_setup import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
+from cloud.service.coordinator import RoundRecord
+from cloud.sim.setup import FLEET, Prepared, SimulationResult, make_agent, prepare, run_coordinator
 from protocols.topics import presence_topic
 
 log = logging.getLogger("fedcmd.fleet")

@@ -194,7 +194,7 @@ def run_cell(values: dict[str, Any], folder: str) -> str:
     """Run one cell in this (worker) process and write its run folder; returns the folder."""
     from cloud import run_output
     from cloud.config import resolve
-    from cloud.simulate import build_and_run
+    from cloud.sim.simulate import build_and_run
 
     buffer = io.StringIO()
     run_output.capture_log(buffer)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
+from cloud.service.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
 from fedcmd_core.robust import GROUPS, clip_bound, clip_update, update_norms
 from fedcmd_core.state_tree import DiskError, load_state_file, save_state_file
 from fedcmd_core.strategies import ServerStrategy, Task, Update

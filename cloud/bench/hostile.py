@@ -2,7 +2,7 @@
 
 Two runs with the same seed, each on its own private mosquitto: a clean one, then one where a hostile
 client (raw paho, its own client id) impersonates the fleet's devices. The coordinator and the agents are
-the code of ``fedcmd simulate --transport mqtt`` (``cloud.fleet_sim``), in a child process whose exit and
+the code of ``fedcmd simulate --transport mqtt`` (``cloud.sim.fleet``), in a child process whose exit and
 traceback are watched. On the plain loopback broker there is no ACL, so the hostile client reads every task
 (round, kind, run id, tensors) and answers on the update topics of the devices being tasked, and on their
 presence topics, before the real devices do: the agents' worker processes are paused (SIGSTOP) from the
@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-FLEET = "sim"  # the fleet name of `fedcmd simulate` (cloud.simulate.FLEET)
+FLEET = "sim"  # the fleet name of `fedcmd simulate` (cloud.sim.simulate.FLEET)
 MARKER = 0.0042  # added to every forged float tensor: an aggregated forgery moves the model
 STATES = ("online", "offline", "unhealthy", "incompatible")
 PROFILE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
@@ -730,11 +730,11 @@ def child_main() -> None:
     import logging
     import resource
 
-    import cloud.sim_setup as simulate  # run_coordinator lives there
-    from cloud import fleet_sim
+    import cloud.sim.setup as simulate  # run_coordinator lives there
     from cloud.config import resolve
-    from cloud.coordinator import Coordinator
-    from cloud.simulate import prepare
+    from cloud.service.coordinator import Coordinator
+    from cloud.sim import fleet as fleet_sim
+    from cloud.sim.simulate import prepare
 
     values, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     no_settle = sys.argv[3:] == ["no-settle"]
@@ -963,7 +963,7 @@ def run_once(values: dict[str, Any], workdir: Path, plans: list[dict[str, Any]] 
     listener = Listener(broker.url, f"hostile-{seed}" if plans is not None else f"observer-{seed}")
     result_path = workdir / "result.json"
     log_path = workdir / "coordinator.log"
-    cmd = [sys.executable, "-c", "from cloud.bench_hostile import child_main; child_main()",
+    cmd = [sys.executable, "-c", "from cloud.bench.hostile import child_main; child_main()",
            json.dumps({**values, "broker": broker.url}), str(result_path), *([] if settle else ["no-settle"])]
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -1310,7 +1310,7 @@ def hostile(
 ) -> None:
     """A real coordinator and agents over mosquitto while a hostile client sends near-valid forgeries and junk;
     exit 1 when the coordinator crashed, a forgery got in, or the run differs from the clean run."""
-    from cloud.cli_errors import fail
+    from cloud.cli.errors import fail
     from cloud.config import ConfigError, resolve
     from protocols.broker import mosquitto_path
 

@@ -14,7 +14,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cloud.cli_errors import err_console, fail, print_error
+from cloud.cli.errors import err_console, fail, print_error
 from cloud.config import ConfigError, load_config_file, resolve
 
 app = typer.Typer(
@@ -29,18 +29,18 @@ console = Console(stderr=False)
 # The whole command tree in one place: sub-apps, the commands mounted on them, top-level commands from
 # other modules. No module registers itself by being imported.
 SUBCOMMANDS = (
-    ("cloud.cli_data", "data_app", "data", "Partition datasets among clients and inspect partitions."),
-    ("cloud.cli_cloud", "cloud_app", "cloud", "The coordinator service: serve a fleet, read its status."),
-    ("cloud.cli_bench", "bench_app", "bench", "Benchmarks: kernels against their named baselines."),
-    ("cloud.cli_deploy", "deploy_app", "deploy", "Deployment: TLS certificates, password file, ACL, systemd units."),
+    ("cloud.cli.data", "data_app", "data", "Partition datasets among clients and inspect partitions."),
+    ("cloud.cli.service", "cloud_app", "cloud", "The coordinator service: serve a fleet, read its status."),
+    ("cloud.cli.bench", "bench_app", "bench", "Benchmarks: kernels against their named baselines."),
+    ("cloud.cli.deploy", "deploy_app", "deploy", "Deployment: TLS certificates, password file, ACL, systemd units."),
 )
 # (sub-app module, sub-app, command name, module of the command function, function)
 SUBAPP_COMMANDS = (
-    ("cloud.cli_bench", "bench_app", "fleet", "cloud.bench_fleet", "fleet"),
-    ("cloud.cli_bench", "bench_app", "partition", "cloud.bench_partition", "partition"),
-    ("cloud.cli_bench", "bench_app", "hostile", "cloud.bench_hostile", "hostile"),
+    ("cloud.cli.bench", "bench_app", "fleet", "cloud.bench.fleet", "fleet"),
+    ("cloud.cli.bench", "bench_app", "partition", "cloud.bench.partition", "partition"),
+    ("cloud.cli.bench", "bench_app", "hostile", "cloud.bench.hostile", "hostile"),
 )
-COMMANDS = (("experiment", "cloud.cli_experiment", "experiment"),)  # (name, module, function) on the main app
+COMMANDS = (("experiment", "cloud.cli.experiment", "experiment"),)  # (name, module, function) on the main app
 
 
 def _mount_subcommands() -> None:
@@ -149,7 +149,7 @@ def simulate(
         "give --round-deadline too: a rejected attacker never answers",
     ),
     attack: Optional[str] = typer.Option(
-        None, "--attack", help="what attackers send: scale, signflip, noise or nan (cloud/attacks.py)"
+        None, "--attack", help="what attackers send: scale, signflip, noise or nan (cloud/sim/attacks.py)"
     ),
     attack_scale: Optional[float] = typer.Option(
         None, "--attack-scale", "--attack_scale", help="the attack's factor s (1e6)"
@@ -170,7 +170,7 @@ def simulate(
     cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
     from cloud import run_output
     from cloud.config import DiskError, Unavailable, check_writable
-    from cloud.simulate import build_and_run
+    from cloud.sim.simulate import build_and_run
     from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
     from fedcmd_core.data import DataError
 
@@ -335,9 +335,9 @@ def compare(runs: list[Path] = typer.Argument(..., help="run folders written by 
 _mount_subcommands()
 
 
-if __name__ == "__main__":  # `python -m cloud.cli`: run the one imported copy of this module, not __main__
+if __name__ == "__main__":  # `python -m cloud.cli.main`: run the one imported copy of this module, not __main__
     import importlib
 
     from fedcmd_core.cli_exit import run_cli
 
-    run_cli(lambda: importlib.import_module("cloud.cli").app())
+    run_cli(lambda: importlib.import_module("cloud.cli.main").app())

@@ -1,6 +1,6 @@
 """The parts of a simulation (``fedcmd simulate``): data and strategies prepared once from a RunConfig, the
-agents, and the coordinator over a given transport. ``cloud/simulate.py`` runs them in memory;
-``cloud/fleet_sim.py`` runs the agents in MQTT worker processes."""
+agents, and the coordinator over a given transport. ``cloud/sim/simulate.py`` runs them in memory;
+``cloud/sim/fleet.py`` runs the agents in MQTT worker processes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from cloud.attacks import MaliciousClient, pick_attackers
 from cloud.config import ConfigError, RunConfig
-from cloud.coordinator import Coordinator, RoundRecord, RoundSettings
+from cloud.service.coordinator import Coordinator, RoundRecord, RoundSettings
+from cloud.sim.attacks import MaliciousClient, pick_attackers
 from edge_agent.agent import Agent
 from fedcmd_core.data import DataError, Dataset, Partition, PartitionArgs, load_dataset, make_partition
 from fedcmd_core.models import build_model, model_name
@@ -195,7 +195,7 @@ def make_agent(p: Prepared, transport: Transport, cid: int, model: torch.nn.Modu
         load_arrays(model, p.model_spec.initial)
     client: ClientStrategy = build_client(p.spec, cid, data, model or p.model, p.model_spec, p.global_test)
     if cid in p.attackers:
-        # duck-typed wrapper (cloud/attacks.py): trains honestly, sends a poisoned update
+        # duck-typed wrapper (cloud/sim/attacks.py): trains honestly, sends a poisoned update
         client = cast(ClientStrategy, MaliciousClient(client, p.cfg.attack, p.cfg.attack_scale, p.cfg.seed))
     if p.cfg.state_dir is not None:
         p.cfg.state_dir.mkdir(parents=True, exist_ok=True)

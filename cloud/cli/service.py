@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli_errors import fail, print_error
+from cloud.cli.errors import fail, print_error
 
 cloud_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
 console = Console()
@@ -27,8 +27,8 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
     checkpoint is kept, run again once fixed to resume).
     """
     from cloud.config import ConfigError
-    from cloud.serve import Stopped, Unavailable, load_serve_config
-    from cloud.serve import serve as run_service
+    from cloud.service.serve import Stopped, Unavailable, load_serve_config
+    from cloud.service.serve import serve as run_service
     from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
     from fedcmd_core.state_tree import DiskError
 

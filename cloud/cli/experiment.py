@@ -1,4 +1,4 @@
-"""``fedcmd experiment GRID.toml``: mounted on the main app by ``cloud.cli._mount_subcommands``."""
+"""``fedcmd experiment GRID.toml``: mounted on the main app by ``cloud.cli.main._mount_subcommands``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cloud.cli_errors import err_console, fail, print_error
+from cloud.cli.errors import err_console, fail, print_error
 
 console = Console(stderr=False)
 
@@ -22,7 +22,16 @@ def experiment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Run algorithms x datasets x alpha x seeds; resumable; writes table.md, table.csv, curves-<dataset>.png."""
-    from cloud.experiment import GridError, Outcome, is_done, load_grid, run_grid, validate, write_curves, write_tables
+    from cloud.experiment.grid import (
+        GridError,
+        Outcome,
+        is_done,
+        load_grid,
+        run_grid,
+        validate,
+        write_curves,
+        write_tables,
+    )
 
     try:
         grid = load_grid(grid_file)

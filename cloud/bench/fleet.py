@@ -46,9 +46,9 @@ def _partition(out: Path, agents: int, seed: int) -> Path:
 def measure(
     algo: str, codec: str, partition: Path, agents: int, per_round: int, rounds: int, workers: int, broker: str
 ) -> dict[str, Any]:
-    from cloud import fleet_sim
     from cloud.config import resolve
-    from cloud.simulate import prepare
+    from cloud.sim import fleet as fleet_sim
+    from cloud.sim.simulate import prepare
 
     hp = {"selection_rounds": 1} if algo == "fedcmd" else {}
     cfg = resolve(

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cloud.cli_errors import fail
+from cloud.cli.errors import fail
 from fedcmd_core.data import (
     DATASET_INFO,
     DATASET_NAMES,

@@ -13,7 +13,6 @@ copy bandwidth of this machine measured with ``np.copyto`` in the same run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -24,22 +23,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from fedcmd_core import kernels
 from fedcmd_core.kernels import fallback
-
-bench_app = typer.Typer(
-    help="Micro-benchmarks: native kernels vs the NumPy fallback and the baselines named in the issues.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
 
 
 @dataclass
@@ -748,27 +737,3 @@ def render(rep: Report, console: Console) -> None:
     console.print(
         f"  vote: +{v['overhead_pct']:.1f} % wall time with the vote, {v['hook_pct']:.1f} % of it inside the hook"
     )
-
-
-@bench_app.command("kernels")
-def kernels_cmd(
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run of a few seconds (tests use it)."),
-    repeat: int = typer.Option(5, "--repeat", "-r", min=1, help="Best of this many runs per measurement."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (progress still goes to stderr)."),
-) -> None:
-    """Native kernels vs the NumPy fallback vs the named baselines, with ratios and GB/s."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=_err,
-        transient=True,
-    ) as progress:
-        rep = run_kernel_bench(quick=quick, repeat=repeat, progress=progress)
-    if as_json:
-        print(json.dumps(rep.as_json(), indent=2))
-    else:
-        render(rep, _out)
-
-

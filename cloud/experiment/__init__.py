@@ -1,0 +1,1 @@
+"""`fedcmd experiment`: grids of simulations, resumable, with tables and curves (`grid.py`)."""
