@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -87,11 +86,18 @@ def run(
     import torch
 
     from edge_agent.agent import Agent
-    from edge_agent.compat import Incompatible, check_run
-    from edge_agent.profiles import tensor_bytes
-    from fedcmd_core.data import DataError, Partition, load_dataset
-    from fedcmd_core.runspec import build_client
-    from fedcmd_core.strategies import ClientData
+    from edge_agent.compat import Incompatible
+    from edge_agent.startup import (
+        StartupError,
+        build_device,
+        client_data,
+        data_bytes,
+        load_partition_and_dataset,
+        parse_status,
+        refuse,
+        run_description,
+    )
+    from fedcmd_core.data import DataError
     from protocols.mqtt import AddressError, CredentialsError, connect
     from protocols.topics import presence_payload, presence_topic, status_topic
     from protocols.transport import TransportError
@@ -101,16 +107,14 @@ def run(
     if password_file is not None and username is None:
         username = str(client_id)  # the ACL convention of `fedcmd deploy`: a device's username is its id
     try:
-        part = Partition.load(data)
-        ds = load_dataset(dataset, root=root, **part.dataset_options(dataset))  # as the partition was made
-        part.check(ds, source=str(data))
+        part, ds = load_partition_and_dataset(data, dataset, root)
+        local = client_data(ds, part, client_id)
     except DataError as e:
         fail(str(e))
         return
-    if client_id >= part.num_clients:
+    except StartupError:
         fail(f"--client-id {client_id} is not in {data} ({part.num_clients} clients)")
-    tr, te = torch.from_numpy(part.train[client_id]), torch.from_numpy(part.test[client_id])
-    local = ClientData(ds.x[tr], ds.y[tr], ds.x[te], ds.y[te])
+        return
 
     offline = presence_payload(client_id, "offline")
     try:
@@ -127,35 +131,25 @@ def run(
     status: dict = {}
 
     def on_status(topic: str, payload: bytes) -> None:
-        try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError):
-            doc = None
-        if isinstance(doc, dict):
+        doc = parse_status(payload)
+        if doc is not None:
             status.update(doc)
         else:
             logging.getLogger("fedcmd.edge").warning("ignored a malformed status message")
 
     transport.subscribe(status_topic(fleet), on_status)
-    if not transport.run_until(lambda: "run" in status and bool(status["run"]), wait):
+    if not transport.run_until(lambda: run_description(status) is not None, wait):
         transport.close()
         fail(f"no run description from a coordinator of fleet {fleet!r} on {broker} within {wait:.0f} s", EXIT_RETRY)
-    data_bytes = tensor_bytes([ds.x, ds.y, local.x_train, local.y_train, local.x_test, local.y_test])
-    profile_info = {"profile": profile.name} if profile is not None else {}
     try:
-        spec, estimate = check_run(status["run"], ds.input_shape, data_bytes, profile)
-        model = spec.build_model()
-        client = build_client(spec, client_id, local, model=model)
-    except Exception as e:  # the spec came from the broker: whatever it makes fail, this device cannot serve it
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if not isinstance(e, Incompatible):
-            reason = f"cannot build the coordinator's run: {reason}"
+        built = build_device(run_description(status), client_id, ds.input_shape, local, data_bytes(ds, local), profile)
+    except Incompatible as e:
         # Retained, so the coordinator (and an operator's `fedcmd cloud status`) see why this device is absent.
-        transport.publish(presence_topic(fleet, client_id),
-                          presence_payload(client_id, "incompatible", reason=reason, **profile_info), retain=True)
+        refuse(transport, fleet, client_id, str(e), profile.name if profile is not None else None)
         transport.close()
-        fail(f"client {client_id}: incompatible run: {escape(reason)}")
+        fail(f"client {client_id}: incompatible run: {escape(str(e))}")
         return
+    spec, estimate, client = built.spec, built.estimate, built.client
     if profile is not None:
         err.print(
             f"profile {profile.name}: this run needs {estimate.describe()} of {profile.memory_mb} MB",

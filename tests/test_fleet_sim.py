@@ -3,7 +3,10 @@ processes gives the same per-round accuracies (one torch thread, same seed)."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,31 +14,31 @@ import pytest
 
 pytest.importorskip("paho.mqtt")
 from cloud.config import resolve
-from cloud.sim.fleet import _worker
+from cloud.sim.fleet import WorkerJob, _worker, publish_run_description
 from cloud.sim.simulate import FLEET, SimulationResult, build_and_run, prepare, run_coordinator
 
 
 # A run over MQTT without spawning: fedcmd's own agent worker (cloud.sim.fleet._worker: every agent its own
-# MQTT client, network thread and model) on a thread of this process. What crosses the broker is the same; the
-# spawn, the same for every algorithm, is tested by the spawned cases below. A spawned worker costs ~4x the
-# run itself (a torch import and a cold first round), which twelve baselines paid over and over.
+# MQTT client and connection, all served by one event loop, each started up from the RunSpec in the retained
+# status as a device is) on a thread of this process. What crosses the broker is the same; the spawn, the same
+# for every algorithm, is tested by the spawned cases below. A spawned worker costs ~4x the run itself (a torch
+# import and a cold first round), which twelve baselines paid over and over.
 def _mqtt_run_in_process(values: dict[str, Any], url: str) -> SimulationResult:
     from protocols.mqtt import MqttTransport
 
     cfg = resolve({}, {**values, "transport": "mqtt", "broker": url})
     p = prepare(cfg)
     transport = MqttTransport(url, f"{FLEET}-coordinator", connect_timeout=10.0)
-    stop, ready = threading.Event(), threading.Semaphore(0)
-    # what run_mqtt_simulation hands its workers: the config as JSON, so it round-trips here too
-    worker_cfg = cfg.model_copy(update={"transport": "memory", "out": None, "threads": 1}).model_dump_json()
-    cids = list(range(p.partition.num_clients))
-    worker = threading.Thread(target=_worker, args=(worker_cfg, url, cids, ready, stop), daemon=True)
+    publish_run_description(transport, p)
+    job = WorkerJob(url=url, protocol=transport.protocol, fleet=FLEET, cids=list(range(p.partition.num_clients)),
+                    dataset=cfg.dataset, partition=str(cfg.partition), seed=cfg.seed)
+    parent, child = multiprocessing.Pipe()
+    worker = threading.Thread(target=_worker, args=(json.dumps(asdict(job)), child), daemon=True)
     worker.start()
     try:
-        assert ready.acquire(timeout=120), "the agents did not start"
         return run_coordinator(p, transport, registration_timeout=120)
     finally:
-        stop.set()
+        parent.send(("stop", {}))
         worker.join(30)
         transport.close()
 
