@@ -88,6 +88,13 @@ class RunConfig(TrainingSettings):
     attackers: NonNegativeInt = 0
     attack: AttackName = "scale"
     attack_scale: PositiveFloat = 1e6
+    # watching the run (cloud/monitor): the seed's --visible; 1 = the live web dashboard (+ Prometheus /metrics),
+    # tensorboard = per-round scalars for TensorBoard; a non-loopback host needs FEDCMD_MONITOR_TOKEN
+    visible: Literal["0", "1", "tensorboard"] = "0"
+    visible_host: str = "127.0.0.1"
+    visible_port: Annotated[int, Field(ge=0, le=65535)] = 8097
+    visible_keep: NonNegativeFloat = 0.0  # seconds the dashboard stays up after the run (0: it closes)
+    tensorboard: Path | None = None  # TensorBoard folder (default with --visible tensorboard: runs/tensorboard/...)
 
     @field_validator("broker")
     @classmethod
@@ -95,6 +102,12 @@ class RunConfig(TrainingSettings):
         if v != "auto" and not v.startswith(("mqtt://", "mqtts://")):
             raise ValueError("must be 'auto' or mqtt://host:port (mqtts:// for TLS)")
         return v
+
+    @field_validator("visible", mode="before")
+    @classmethod
+    def _visible_word(cls, v: Any) -> Any:
+        # the seed passes --visible 1 / 0 as numbers; TOML may hold a bool or an int
+        return str(int(v)) if isinstance(v, (bool, int)) else v
 
     @field_validator("checkpoint")
     @classmethod

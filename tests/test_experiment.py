@@ -47,19 +47,24 @@ def test_tiny_grid_runs_tables_curves_resume_and_a_crashed_cell(tmp_path: Path) 
     assert f"failed ({failed_log})" in rows["fedavg"]
     assert "needs image inputs" in failed_log.read_text()
     with (out / "table.csv").open() as f:
-        table = list(csv.reader(f))
-    assert table[0] == ["alpha", "algorithm", "digits", "synthetic"]
-    assert all(" ± " in r[2] and r[3].startswith("failed (") for r in table[1:])
+        long = list(csv.DictReader(f))
+    # table.csv holds numbers: one row per (alpha, algorithm, dataset), mean and std in their own columns
+    assert all(r["failed"] == "" and r["seeds"] == "2" for r in long if r["dataset"] == "digits")
+    assert all(r["failed"] and r["mean"] == "" for r in long if r["dataset"] == "synthetic")
+    md_cells = {r["algorithm"]: r for r in long if r["dataset"] == "digits"}
+    table = [[r["alpha"], algo, f"{float(r['mean']):.2f} ± {float(r['std']):.2f}"] for algo, r in md_cells.items()]
     # every finished cell is the mean ± population std of its seeds' paper metrics, recomputed here
-    for row in table[1:]:
+    for row in table:
         seeds = [
             json.loads((out / "cells" / row[1] / "digits" / "a0.5" / f"s{s}" / "summary.json").read_text())
             for s in (1, 2)
         ]
         metrics = [float(m["paper_metric"]) for m in seeds]
         assert all(0 < m <= 100 for m in metrics) and all(m["rounds"] == 2 for m in seeds)
+        assert float(md_cells[row[1]]["mean"]) == pytest.approx(statistics.fmean(metrics), abs=1e-6)
+        assert float(md_cells[row[1]]["std"]) == pytest.approx(statistics.pstdev(metrics), abs=1e-6)
         assert row[2] == f"{statistics.fmean(metrics):.2f} ± {statistics.pstdev(metrics):.2f}", (row, metrics)
-    best = max(table[1:], key=lambda r: float(r[2].split(" ± ")[0]))
+    best = max(table, key=lambda r: float(r[2].split(" ± ")[0]))
     assert rows[best[1]].count(f"**{best[2]}**") == 1
     png = out / "curves-digits.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -206,11 +211,14 @@ def test_table_cells_are_mean_and_population_std_of_the_seeds_by_hand(tmp_path: 
     failed = failed_log(
         next(c for c in grid.cells if c.algo == "fedper" and c.dataset == "synthetic" and c.seed == 2), grid.out
     )
-    assert table == [
-        ["alpha", "algorithm", "digits", "synthetic"],
-        ["0.5", "fedavg", "92.00 ± 2.00", "70.50 ± 0.50"],
-        ["0.5", "local", "80.50 ± 0.50", "61.00 ± 1.00"],
-        ["0.5", "fedper", "96.00 ± 0.50", f"failed ({failed})"],
+    assert table == [  # numbers: mean and population std in their own columns, one row per cell
+        ["alpha", "algorithm", "dataset", "mean", "std", "seeds", "failed"],
+        ["0.5", "fedavg", "digits", "92.000000", "2.000000", "2", ""],
+        ["0.5", "local", "digits", "80.500000", "0.500000", "2", ""],
+        ["0.5", "fedper", "digits", "96.000000", "0.500000", "2", ""],
+        ["0.5", "fedavg", "synthetic", "70.500000", "0.500000", "2", ""],
+        ["0.5", "local", "synthetic", "61.000000", "1.000000", "2", ""],
+        ["0.5", "fedper", "synthetic", "", "", "1", str(failed)],
     ]
     md = md_path.read_text().splitlines()
     assert "| fedavg | <u>92.00 ± 2.00</u> | **70.50 ± 0.50** |" in md

@@ -40,7 +40,11 @@ SUBAPP_COMMANDS = (
     ("cloud.cli.bench", "bench_app", "partition", "cloud.bench.partition", "partition"),
     ("cloud.cli.bench", "bench_app", "hostile", "cloud.bench.hostile", "hostile"),
 )
-COMMANDS = (("experiment", "cloud.cli.experiment", "experiment"),)  # (name, module, function) on the main app
+COMMANDS = (
+    ("experiment", "cloud.cli.experiment", "experiment"),
+    ("compare", "cloud.cli.compare", "compare"),
+    ("monitor", "cloud.cli.monitor", "monitor"),
+)  # (name, module, function) on the main app
 
 
 def _mount_subcommands() -> None:
@@ -158,6 +162,15 @@ def simulate(
         None, "--hp", help="algorithm hyper-parameter KEY=VALUE, repeatable (e.g. --hp body_mode=relay)"
     ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder (default runs/<algo>/<dataset>/<time>)"),
+    visible: Optional[str] = typer.Option(
+        None, "--visible", help="watch the run: 1 = live web dashboard (+ Prometheus /metrics), tensorboard = "
+        "per-round scalars for TensorBoard, 0 = off"),
+    visible_host: Optional[str] = typer.Option(
+        None, "--visible-host", "--visible_host",
+        help="dashboard address (127.0.0.1; others need FEDCMD_MONITOR_TOKEN)"),
+    visible_port: Optional[int] = typer.Option(None, "--visible-port", "--visible_port", help="dashboard port (8097)"),
+    visible_keep: Optional[float] = typer.Option(None, "--visible-keep", help="seconds the dashboard stays up after"),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="TensorBoard folder for per-round scalars"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar or round tables"),
 ) -> None:
@@ -170,6 +183,8 @@ def simulate(
     cli_values = {k: v for k, v in locals().items() if k not in ("config", "force", "quiet", "hp")}
     from cloud import run_output
     from cloud.config import DiskError, Unavailable, check_writable
+    from cloud.monitor.events import EventBus
+    from cloud.monitor.launch import watch_simulation
     from cloud.sim.simulate import build_and_run
     from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
     from fedcmd_core.data import DataError
@@ -230,11 +245,24 @@ def simulate(
         if not quiet and (record.round + 1) % cfg.verbose_gap == 0:
             progress.console.print(_round_table(state["rows"][-cfg.verbose_gap :]))
 
+    events = EventBus()  # the coordinator's event stream: the dashboard, Prometheus, TensorBoard
+    try:
+        watchers = watch_simulation(cfg, events, target.name)
+    except ConfigError as e:
+        fail(str(e))
+        return
+    if watchers.url and not quiet:
+        console.print(f"dashboard: {watchers.url}  (Prometheus: {watchers.url.split('?')[0]}metrics)")
+    elif watchers.url:
+        print_error(f"dashboard: {watchers.url}")
+    if watchers.tensorboard and not quiet:
+        console.print(f"tensorboard: tensorboard --logdir {watchers.tensorboard}")
     try:
         with progress, run_output.staged(target, force) as folder:
-            result = build_and_run(cfg, on_round=on_round, on_start=on_start)
+            result = build_and_run(cfg, on_round=on_round, on_start=on_start, events=events)
             run_output.write_run(result, folder, log_buffer.getvalue())
     except (ConfigError, DataError) as e:
+        watchers.stop()
         fail(str(e))
         return
     except Unavailable as e:
@@ -245,6 +273,7 @@ def simulate(
     except KeyboardInterrupt:
         fail("interrupted; no run folder was written")
         return
+    watchers.stop()
     summ = run_output.summary(result)
     console.print(_summary_table(summ, target))
 
@@ -302,34 +331,6 @@ def _summary_table(s: dict[str, Any], folder: Path) -> Table:
     table.add_row("seconds (per round)", f"{s['seconds']:.1f} ({s['seconds_per_round']:.3f})")
     table.add_row("run folder", str(folder))
     return table
-
-
-@app.command()
-def compare(runs: list[Path] = typer.Argument(..., help="run folders written by `fedcmd simulate`")) -> None:
-    """Print several runs side by side (paper metric, final personalized accuracy, cost)."""
-    table = Table(title="runs side by side")
-    for col in ("run", "algo", "paper metric %", "final all-client %", "layer", "MiB down/up", "s"):
-        table.add_column(col, justify="right" if col not in ("run", "algo") else "left")
-    for folder in runs:
-        path = folder / "summary.json"
-        if not path.is_file():
-            fail(f"{folder} is not a run folder (no summary.json)")
-        try:
-            s = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            fail(f"{path} is not valid JSON: {e}")
-            return
-        final = s.get("final_personalized_acc")
-        table.add_row(
-            str(folder),
-            s.get("algo", "?"),
-            f"{s.get('paper_metric', float('nan')):.2f}",
-            "-" if final is None else f"{final:.2f}",
-            str(s.get("strategy", {}).get("chosen_layer") or "-"),
-            f"{s.get('bytes_down', 0) / 2**20:.1f}/{s.get('bytes_up', 0) / 2**20:.1f}",
-            f"{s.get('seconds', 0):.1f}",
-        )
-    console.print(table)
 
 
 _mount_subcommands()

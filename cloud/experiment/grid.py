@@ -300,19 +300,21 @@ def write_tables(grid: Grid) -> tuple[Path, Path]:
     data = _cell_metrics(grid)
     md = [f"# {grid.name}", "", "Paper metric (mean of the last 10 rounds of pooled test accuracy before local "
           "training, %), mean ± std over seeds " + ", ".join(str(s) for s in grid.seeds) + ".", ""]
-    rows: list[list[str]] = [["alpha", "algorithm", *grid.datasets]]
+    # table.csv holds numbers, one row per (alpha, algorithm, dataset): mean and std in their own columns
+    rows: list[list[str]] = [["alpha", "algorithm", "dataset", "mean", "std", "seeds", "failed"]]
     for alpha in grid.alphas:
-        text: dict[tuple[str, str], str] = {}
         markup: dict[tuple[str, str], str] = {}
         for ds in grid.datasets:
             means: list[tuple[float, str]] = []
             for algo in grid.algos:
                 values, failed = data[(algo, ds, alpha)]
                 if failed is not None or not values:
-                    text[(algo, ds)] = markup[(algo, ds)] = f"failed ({failed})"
+                    markup[(algo, ds)] = f"failed ({failed})"
+                    rows.append([str(alpha), algo, ds, "", "", str(len(values)), str(failed)])
                     continue
                 mean, std = _mean_std(values)
-                text[(algo, ds)] = markup[(algo, ds)] = f"{mean:.2f} ± {std:.2f}"
+                rows.append([str(alpha), algo, ds, f"{mean:.6f}", f"{std:.6f}", str(len(values)), ""])
+                markup[(algo, ds)] = f"{mean:.2f} ± {std:.2f}"
                 if not math.isnan(mean):
                     means.append((mean, algo))
             ranked = sorted(means, key=lambda t: -t[0])
@@ -324,7 +326,6 @@ def write_tables(grid: Grid) -> tuple[Path, Path]:
                "|---|" + "---|" * len(grid.datasets)]
         for algo in grid.algos:
             md.append(f"| {algo} | " + " | ".join(markup[(algo, ds)] for ds in grid.datasets) + " |")
-            rows.append([str(alpha), algo, *(text[(algo, ds)] for ds in grid.datasets)])
         md.append("")
     grid.out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = grid.out / "table.md", grid.out / "table.csv"
@@ -347,26 +348,31 @@ def write_curves(grid: Grid) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from cloud.results import line_style
+
     paths = []
     for ds in grid.datasets:
-        fig = Figure(figsize=(5 * len(grid.alphas), 4), layout="constrained")
+        fig = Figure(figsize=(5 * len(grid.alphas) + 2.5, 4), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(grid.alphas), squeeze=False)[0]
         for ax, alpha in zip(axes, grid.alphas):
-            for algo in grid.algos:
+            for i, algo in enumerate(grid.algos):
                 curves = [c for seed in grid.seeds
                           if (c := _curve(Cell(algo, ds, alpha, seed, {}).folder(grid.out)))]
                 if not curves:
                     continue
                 n = min(len(c) for c in curves)
                 mean = np.nanmean(np.array([c[:n] for c in curves]), axis=0)
-                ax.plot(np.arange(1, n + 1), mean, label=algo)
+                colour, style = line_style(i)  # 10 colours x 4 line styles: every method its own line
+                ax.plot(np.arange(1, n + 1), mean, label=algo, color=colour, linestyle=style)
             ax.set_title(f"{ds}, α = {alpha}")
             ax.set_xlabel("round")
             ax.set_ylabel("test accuracy before local training (%)")
             ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize="small")
+        if any(ax.has_data() for ax in axes):
+            # one legend, outside the data (right of the last panel): never over the rounds the metric averages
+            handles, labels = next(ax for ax in axes if ax.has_data()).get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside right upper", fontsize="small", frameon=False)
         path = grid.out / f"curves-{ds}.png"
         fig.savefig(path, dpi=100)
         paths.append(path)

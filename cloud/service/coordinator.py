@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud.monitor import events as ev
 from cloud.service.validation import Rejected, check_arrays, check_info, check_metrics, check_num_samples
 from fedcmd_core.robust import GROUPS, clip_bound, clip_update, update_norms
 from fedcmd_core.state_tree import DiskError, load_state_file, save_state_file
@@ -39,6 +40,7 @@ log = logging.getLogger("fedcmd.cloud")
 ANSWER_FAULTS = frozenset({"bad_count", "bad_info", "bad_tensors", "non_finite", "bad_metrics"})
 NORM_WINDOW = 100  # update norms the clipping median is taken over
 MAX_STATUS_PROFILES = 16
+MAX_SIMILARITY_SHOWN = 48  # devices of the similarity matrix an event carries (the dashboard's heat map)
 LOGGED_REJECTS = 5  # per (reason, device) before the log only counts
 
 
@@ -122,8 +124,11 @@ class Coordinator:
         settings: RoundSettings,
         checkpoint: Path | None = None,
         run_info: dict[str, Any] | None = None,
+        events: ev.EventBus | None = None,
     ) -> None:
         self.transport = transport
+        # what happens, as it happens: the run-folder writer, dashboard and Prometheus all read this one stream
+        self.events = events if events is not None else ev.EventBus()
         self.strategy = strategy
         self.fleet = fleet
         self.s = settings
@@ -196,6 +201,9 @@ class Coordinator:
 
     def _reject(self, reason: str, detail: str, cid: int | None = None) -> None:
         self.rejected[reason] += 1
+        known = cid if cid is not None and 0 <= cid < self.s.num_clients else None
+        if self.events:
+            self.events.emit(ev.UpdateRejected(self.current_round, known, reason))
         # A flood must not fill the log: the first few of each (reason, device), then every 1000th.
         key = (reason, cid if cid is not None and 0 <= cid < self.s.num_clients else -1)
         self._logged[key] += 1
@@ -227,6 +235,8 @@ class Coordinator:
 
     def _apply_presence(self, cid: int, presence: dict[str, Any]) -> None:
         state = presence["state"]
+        if self.events:
+            self.events.emit(ev.Presence(cid, state, presence.get("profile"), presence.get("reason"), time.time()))
         if state == "online":
             back = cid not in self.online
             if back:
@@ -302,6 +312,8 @@ class Coordinator:
         info = check_info(header.payload.get("info", {}), self.strategy.Info)
         self.bytes_up += len(payload)
         self.inbox[cid] = Update(header.round, arrays, num_samples, metrics, info)
+        if self.events:
+            self.events.emit(ev.UpdateAccepted(header.round, cid, len(payload), num_samples))
 
     # ------------------------------------------------------------------------------------- collecting
     def _collect(self, rnd: int, cids: Sequence[int], kind: str, sequential: bool) -> tuple[list[int], int]:
@@ -439,6 +451,9 @@ class Coordinator:
         self._rejoin_after_outage()
         self._last_population, self._sampled_at_reconnects = set(self.population()), self.transport.reconnects
         cids = self.sample()
+        if self.events:
+            self.events.emit(ev.RoundStarted(rnd, self.strategy.phase(rnd), tuple(cids), self.s.deadline,
+                                             self.s.min_clients, time.time()))
         self.strategy.begin_round(rnd, cids)
         aggregate_seconds = time.perf_counter() - start
         self.bytes_up = 0
@@ -475,15 +490,41 @@ class Coordinator:
         if self.checkpoint is not None and not self.checkpoint.is_file():
             self.save_checkpoint()  # the run id is on disk before any task carries it
         self.publish_status("running")
+        self.events.emit(ev.RunStarted(self.fleet, self.strategy.name, self.s.num_clients, self.s.global_epoch,
+                                       self.s.join_ratio, self.s.min_clients, self.s.deadline, self.next_round,
+                                       dict(self.run_info), tuple(self.records)))
         while self.next_round < self.s.global_epoch:
             record = self.run_round(self.next_round)
             self.records.append(record)
             self.next_round += 1
             self.save_checkpoint()
             self.publish_status("running", record)
+            self.events.emit(ev.RoundClosed(record, self.strategy_view(), dict(self.rejected), time.time()))
             if on_round is not None:
                 on_round(record)
         return self.records
+
+    def finish(self, final: dict[str, float], seconds: float) -> None:
+        """The run is over: ``final`` is every device's evaluation; tells the event stream's subscribers."""
+        self.events.emit(ev.RunFinished(final, self.strategy.summary(), dict(self.rejected), self.clipped, seconds))
+
+    def strategy_view(self) -> dict[str, Any]:
+        """What a viewer shows of the strategy after a round: the layer vote and (for similarity-weighted
+        strategies) the similarity matrix among at most MAX_SIMILARITY_SHOWN of the devices it holds."""
+        if not self.events:
+            return {}
+        summary = self.strategy.summary()
+        view: dict[str, Any] = {k: summary[k] for k in ("chosen_layer", "vote_counts") if summary.get(k) is not None}
+        sim = getattr(self.strategy, "sim", None)
+        if isinstance(sim, np.ndarray) and sim.ndim == 2 and sim.shape[0] == sim.shape[1]:
+            held = np.flatnonzero(~np.isnan(sim).all(axis=1))[:MAX_SIMILARITY_SHOWN]
+            if held.size:
+                block = sim[np.ix_(held, held)]
+                view["similarity"] = {
+                    "clients": held.tolist(),
+                    "matrix": [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in block],
+                }
+        return view
 
     # ------------------------------------------------------------------------------------- state
     def publish_status(self, state: str, record: RoundRecord | None = None) -> None:

@@ -7,6 +7,7 @@ from the checkpoint after a restart, and writes the run folder at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -19,7 +20,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, ValidationError, field_validator
 
+from cloud import run_output
 from cloud.config import ConfigError, Unavailable
+from cloud.monitor.config import MonitorConfig
+from cloud.monitor.events import EventBus
+from cloud.provenance import provenance
 from cloud.service.coordinator import Coordinator, RoundRecord, RoundSettings
 from fedcmd_core.runspec import (
     NonNegativeFloat,
@@ -93,6 +98,8 @@ class ServeConfig(BaseModel):
     # so a device whose answer is rejected is settled for the round instead of waited for until the deadline.
     device_acl: StrictBool = False
     run: RunSpec
+    # the live dashboard and Prometheus /metrics (off unless [monitor] enabled = true)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("broker")
     @classmethod
@@ -126,7 +133,7 @@ def load_serve_config(path: Path) -> ServeConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     except ValidationError as e:
-        raise ConfigError(f"{path}: {first_error(e)}") from None
+        raise ConfigError(f"{path}: {first_error(e, model=ServeConfig)}") from None
 
 
 def check_paths(cfg: ServeConfig) -> None:
@@ -135,8 +142,10 @@ def check_paths(cfg: ServeConfig) -> None:
     check_writable(cfg.out, "out")
 
 
-def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
-    """Run (or resume) the federated training described by ``cfg``; returns the round records."""
+def serve(cfg: ServeConfig, transport: Any = None, events: EventBus | None = None) -> list[RoundRecord]:
+    """Run (or resume) the federated training described by ``cfg``; returns the round records. The run
+    folder is written from the coordinator's event stream (``events``: add watchers there), the same one
+    the ``[monitor]`` dashboard and Prometheus read."""
     from protocols.mqtt import CredentialsError, connect
     from protocols.transport import TransportError
 
@@ -145,6 +154,14 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
     except ValueError as e:  # SpecError (input_shape vs model) included
         raise ConfigError(f"run: {e}") from None
     check_paths(cfg)
+    events = events if events is not None else EventBus()
+    recorder = events.subscribe(run_output.RunRecorder(), critical=True)
+    monitor = None
+    if cfg.monitor.enabled:
+        from cloud.monitor.server import start_monitor
+
+        monitor = start_monitor(cfg.monitor, events, title=f"fleet {cfg.fleet}: {cfg.run.algo}")
+        log.info("monitor: %s", monitor.url)
     if transport is None:
         try:
             transport = connect(cfg.broker, f"{cfg.fleet}-coordinator", username=cfg.username,
@@ -172,9 +189,22 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
     )
     try:
         coordinator = Coordinator(transport, server, cfg.fleet, settings, cfg.checkpoint,
-                                  run_info=cfg.run.model_dump(mode="json"))
+                                  run_info=cfg.run.model_dump(mode="json"), events=events)
     except ValueError as e:
+        if monitor is not None:
+            monitor.stop()
         raise ConfigError(str(e)) from None
+    try:
+        return _serve(cfg, coordinator, transport, recorder)
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+def _serve(cfg: ServeConfig, coordinator: Coordinator, transport: Any, recorder: run_output.RunRecorder,
+           ) -> list[RoundRecord]:
+    from protocols.transport import TransportError
+
     with _stop_on_signals():
         try:
             coordinator.publish_status("waiting")
@@ -198,29 +228,19 @@ def serve(cfg: ServeConfig, transport: Any = None) -> list[RoundRecord]:
             raise Unavailable(str(e)) from None
     final = coordinator.evaluate_all(cfg.run.global_epoch - 1)
     coordinator.publish_status("finished")
+    coordinator.finish(final, time.perf_counter() - started)
+    spec = cfg.run
+    info = run_output.RunInfo(
+        spec.algo, "devices' own", spec.model, spec.seed, spec.num_clients, cfg.fleet,
+        json.loads(cfg.model_dump_json()), provenance(), save_log=False,
+    )
     try:
-        _write_results(cfg, records, final, server.summary(), time.perf_counter() - started)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        run_output.write_run(recorder, cfg.out, "", info)
+    except DiskError:
+        raise
     except OSError as e:
         raise DiskError(f"out: could not write the results to {cfg.out}: {e.strerror or e}", e.errno) from e
     finally:
         transport.close()
     return records
-
-
-def _write_results(cfg: ServeConfig, records: list[RoundRecord], final: dict, summary: dict, seconds: float) -> None:
-    import csv
-    import json
-
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    with (cfg.out / "metrics.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["round", "phase", "sampled", "answered", "test_before_acc", "test_after_acc", "seconds"])
-        for r in records:
-            w.writerow([r.round + 1, r.phase, " ".join(map(str, r.clients)), " ".join(map(str, r.answered)),
-                        r.metrics.get("test_before_acc", ""), r.metrics.get("test_after_acc", ""), f"{r.seconds:.3f}"])
-    accs = [r.metrics["test_before_acc"] for r in records[-10:] if "test_before_acc" in r.metrics]
-    (cfg.out / "summary.json").write_text(json.dumps({
-        "fleet": cfg.fleet, "algo": cfg.run.algo, "rounds": len(records),
-        "paper_metric": sum(accs) / len(accs) if accs else None,
-        "final_personalized_acc": final.get("test_before_acc"), "seconds": seconds, "strategy": summary,
-    }, indent=2, default=str) + "\n")

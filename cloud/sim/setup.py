@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from cloud import run_output
 from cloud.config import ConfigError, RunConfig
+from cloud.monitor.events import EventBus
+from cloud.provenance import arrays_sha256, file_sha256, provenance
 from cloud.service.coordinator import Coordinator, RoundRecord, RoundSettings
 from cloud.sim.attacks import MaliciousClient, pick_attackers
 from edge_agent.agent import Agent
@@ -43,11 +46,11 @@ class SimulationResult:
     global_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     attackers: list[int] = field(default_factory=list)  # the malicious devices (--attackers)
     clipped: int = 0  # updates the coordinator scaled back to the clipping bound
+    provenance: dict[str, Any] = field(default_factory=dict)  # version, commit, partition sha256, command line
 
     def paper_metric(self, last: int = 10) -> float:
         """Mean over the last ``last`` rounds of the pooled test accuracy before local training."""
-        values = [r.metrics["test_before_acc"] for r in self.records[-last:] if "test_before_acc" in r.metrics]
-        return float(np.mean(values)) if values else float("nan")
+        return run_output.paper_metric(self.records, last)
 
 
 def load_data(cfg: RunConfig) -> tuple[Dataset, Partition]:
@@ -210,8 +213,13 @@ def run_coordinator(
     started: float | None = None,
     registration_timeout: float = 60.0,
     deadline: float | None = None,
+    events: EventBus | None = None,
 ) -> SimulationResult:
+    """Run the rounds; the result is what the coordinator's event stream (``events``, where the dashboard
+    and other watchers subscribe) told the run-folder recorder."""
     cfg = p.cfg
+    events = events if events is not None else EventBus()
+    recorder = events.subscribe(run_output.RunRecorder(), critical=True)
     num_clients = p.partition.num_clients
     settings = RoundSettings(
         num_clients=num_clients,
@@ -232,7 +240,8 @@ def run_coordinator(
         train_sizes={cid: len(train) for cid, train in enumerate(p.partition.train)},
     )
     try:
-        coordinator = Coordinator(transport, p.server, FLEET, settings, checkpoint=cfg.checkpoint)
+        coordinator = Coordinator(transport, p.server, FLEET, settings, checkpoint=cfg.checkpoint,
+                                  events=events)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if p.attackers:
@@ -241,21 +250,29 @@ def run_coordinator(
         raise RuntimeError(f"only {len(coordinator.online)} of {num_clients} agents came online")
     if on_start is not None:
         on_start(cfg.global_epoch)
-    records = coordinator.run(on_round)
+    coordinator.run(on_round)
     final = coordinator.evaluate_all(cfg.global_epoch - 1)
     coordinator.publish_status("finished")
+    coordinator.finish(final, time.perf_counter() - (started or time.perf_counter()))
     return SimulationResult(
         config=cfg,
-        records=records,
-        final=final,
-        strategy_summary=p.server.summary(),
+        records=recorder.records,
+        final=recorder.final,
+        strategy_summary=recorder.strategy_summary,
         partition=p.partition,
-        seconds=time.perf_counter() - (started or time.perf_counter()),
-        rejected=dict(coordinator.rejected),
+        seconds=recorder.seconds,
+        rejected=recorder.rejected,
         global_arrays=p.server.global_arrays if cfg.save_model else {},
         attackers=list(p.attackers),
-        clipped=int(getattr(coordinator, "clipped", 0)),
+        clipped=recorder.clipped,
+        provenance=_provenance(cfg, p.partition),
     )
+
+
+def _provenance(cfg: RunConfig, partition: Partition) -> dict[str, Any]:
+    if cfg.partition is not None and cfg.partition.is_file():
+        return provenance(file_sha256(cfg.partition), str(cfg.partition))
+    return provenance(arrays_sha256(partition.train, partition.test), "generated (sha256 of the index arrays)")
 
 
 def _first_error(e: Exception) -> str:

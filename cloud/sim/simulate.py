@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from cloud.config import RunConfig
+from cloud.monitor.events import EventBus
 from cloud.service.coordinator import RoundRecord
 from cloud.sim.setup import (
     FLEET,
@@ -32,17 +33,19 @@ def build_and_run(
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     transport: MemoryTransport | None = None,
+    events: EventBus | None = None,
 ) -> SimulationResult:
     """Run a whole simulation; raises ConfigError / DataError for user mistakes and DiskError for paths
-    that cannot be written before any work, DiskError when a checkpoint write fails during the run."""
+    that cannot be written before any work, DiskError when a checkpoint write fails during the run.
+    ``events``: the coordinator's event stream, for watchers (the dashboard, Prometheus, TensorBoard)."""
     started = time.perf_counter()
     check_paths(cfg)
     p = prepare(cfg)
     if cfg.transport == "mqtt":
         from cloud.sim.fleet import run_mqtt_simulation
 
-        return run_mqtt_simulation(p, on_round=on_round, on_start=on_start, started=started)
+        return run_mqtt_simulation(p, on_round=on_round, on_start=on_start, started=started, events=events)
     transport = transport or MemoryTransport()
     for cid in range(p.partition.num_clients):
         make_agent(p, transport, cid).announce()
-    return run_coordinator(p, transport, on_round, on_start, started)
+    return run_coordinator(p, transport, on_round, on_start, started, events=events)
