@@ -37,7 +37,7 @@ def _server(**hp: Any) -> FedCMDServer:
     )
     params = parse_params("fedcmd", {"selection_rounds": 1, "tau": TAU, **hp})
     server = FedCMDServer(params, ServerContext(spec, num_clients=3, global_epoch=10, seed=0))
-    server.chosen, server.personal_keys, server.body_keys = "classifier", ["classifier.weight"], ["fc1.weight"]
+    server.vote.chosen, server.personal_keys, server.body_keys = "classifier", ["classifier.weight"], ["fc1.weight"]
     server.bodies = {0: np.float32([1, 0]), 1: np.float32([0, 1]), 2: np.float32([2, 2])}
     server.sent = {0: np.float32([0, 0]), 1: np.float32([0, 0]), 2: np.float32([1, 1])}
     server.body_round = {0: 3, 1: 3, 2: 2}

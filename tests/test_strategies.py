@@ -120,7 +120,7 @@ def test_fedcmd_described_variant_mixes_every_stored_body_as_the_paper_defines()
     sent = {k: v.copy() for k, v in server.global_arrays.items()}
     server.aggregate(0, updates)
     server.begin_round(1, [0])
-    assert server.chosen == "fc2"
+    assert server.vote.chosen == "fc2"
     body_keys = [k for k in trainable if not k.startswith("fc2.")]
     assert server.body_keys == body_keys
     # s_ij from the phase-1 updates of fc2 (weight rows with the bias appended)

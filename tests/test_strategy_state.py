@@ -53,20 +53,20 @@ def test_fedcmd_state_survives_a_round_trip_and_settings_derived_at_start_are_ke
     server, spec = _server("fedcmd", selection_rounds=1)
     for rnd in range(3):
         _one_round(server, spec, rnd)
-    assert server.chosen == "fc2" and len(server.bodies) == 2
+    assert server.vote.chosen == "fc2" and len(server.bodies) == 2
     path = tmp_path / "s.safetensors"
     save_state_file(path, {"strategy": server.state_dict()})
     values, _ = load_state_file(path)
     # a new run with other selection settings: phase1 and candidates come from its own settings
     other, _ = _server("fedcmd", rounds=20, selection_rounds=4)
     other.load_state_dict(values["strategy"])
-    assert other.phase1 == 4 and other.candidates == server.candidates
-    assert other.chosen == server.chosen and other.body_keys == server.body_keys
+    assert other.vote.rounds == 4 and other.vote.candidates == server.vote.candidates
+    assert other.vote.chosen == server.vote.chosen and other.body_keys == server.body_keys
     assert sorted(other.bodies) == sorted(server.bodies)
     for c in server.bodies:
         np.testing.assert_array_equal(other.bodies[c], server.bodies[c])
     np.testing.assert_array_equal(other.sim, server.sim)
-    assert other.vote_totals == server.vote_totals and other.body_round == server.body_round
+    assert other.vote.vote_totals == server.vote.vote_totals and other.body_round == server.body_round
 
 
 def test_other_version_or_other_fields_are_refused_before_anything_is_loaded() -> None:
@@ -75,17 +75,17 @@ def test_other_version_or_other_fields_are_refused_before_anything_is_loaded() -
     state = server.state_dict()
     fresh, _ = _server("fedcmd", selection_rounds=1)
     before = {k: v.copy() for k, v in fresh.global_arrays.items()}
-    with pytest.raises(StateVersionError, match="version 0, this fedcmd reads version 1"):
+    with pytest.raises(StateVersionError, match="version 0, this fedcmd reads version 2"):
         fresh.load_state_dict({**state, "version": 0})
     renamed = dict(state["fields"])
     renamed["stored_bodies"] = renamed.pop("bodies")
     with pytest.raises(StateVersionError, match=r"missing \['bodies'\], unexpected \['stored_bodies'\]"):
-        fresh.load_state_dict({"version": 1, "fields": renamed})
+        fresh.load_state_dict({"version": 2, "fields": renamed})
     with pytest.raises(StateVersionError, match="version None"):
         fresh.load_state_dict({k: v for k, v in state["fields"].items()})  # the pre-version layout
     for k, v in before.items():  # nothing was loaded half-way
         np.testing.assert_array_equal(fresh.global_arrays[k], v)
-    assert fresh.bodies == {} and fresh.round_modes == []
+    assert fresh.bodies == {} and fresh.vote.round_modes == []
 
 
 def test_cli_refuses_a_checkpoint_of_another_state_version_with_one_line_and_exit_2(

@@ -34,15 +34,16 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
+from fedcmd_core.strategies.bodies import BodyStore
 from fedcmd_core.strategies.fedbn import bn_keys
 from fedcmd_core.strategies.fedfomo import split_train, training_on
-from fedcmd_core.strategies.pfedsim import warmup_rounds
+from fedcmd_core.strategies.phases import PhaseLength, phase_rounds
 
 Stats = dict[str, dict[str, list[float]]]  # BN module -> {"mean": [...], "var": [...]}
 
 
 class FedAPParams(HyperParams):
-    warmup_round: float = Field(0.5, ge=0, description="fraction (< 1) or number of warm-up rounds")
+    warmup_round: PhaseLength = Field(0.5, ge=0, description="fraction (< 1) or number of warm-up rounds")
     pretrain_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of the train split used in warm-up")
     model_momentum: float = Field(0.5, ge=0, le=1, description="weight W_ii of a device's own body")
 
@@ -77,10 +78,10 @@ class FedAPServer(ServerStrategy):
     def __init__(self, params: FedAPParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
         self.params: FedAPParams = params
-        self.warmup = warmup_rounds(params.warmup_round, ctx.global_epoch)
+        self.warmup = phase_rounds(params.warmup_round, ctx.global_epoch)
         local = bn_keys(ctx.spec.keys)
         self.body_keys = [k for k in ctx.spec.trainable_keys() if k not in local]
-        self.bodies: dict[int, np.ndarray] = {}
+        self.bodies = BodyStore(ctx.body_budget_bytes, ctx.spill_dir, "bodies")
         self.stats: dict[int, Stats] = {}
         # BN module -> channels, to check what devices report (it comes off the wire)
         self.channels = {

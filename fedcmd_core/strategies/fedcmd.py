@@ -28,7 +28,7 @@ from pydantic import Field, StringConstraints, model_validator
 
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, model_arrays, unflatten
-from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances, mode, round_mode
+from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances
 from fedcmd_core.strategies.base import (
     Algorithm,
     ClientStrategy,
@@ -40,6 +40,8 @@ from fedcmd_core.strategies.base import (
     Update,
 )
 from fedcmd_core.strategies.bodies import BodyStore
+from fedcmd_core.strategies.layer_vote import LayerVote
+from fedcmd_core.strategies.phases import PhaseLength
 
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
 
@@ -47,18 +49,12 @@ DELTA = "delta::"  # prefix of uploaded personal-layer updates
 class SelectionParams(HyperParams):
     """The personal-layer selection phase (shared with the ablation without weighted aggregation)."""
 
-    selection_rounds: float = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
+    selection_rounds: PhaseLength = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
     candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
     selection_metric: SelectionMetric = "w1"
     embedding: Embedding = "minmax_mean"
     # every 3rd batch keeps the vote under 5 % of local training time (measured: 13 % on every batch)
     vote_every: int = Field(3, ge=1, description="vote on every k-th batch")
-
-    @model_validator(mode="after")
-    def _check(self) -> SelectionParams:
-        if self.selection_rounds >= 1 and self.selection_rounds != int(self.selection_rounds):
-            raise ValueError("selection_rounds must be a fraction < 1 or a whole number of rounds")
-        return self
 
 
 # The paper's literal form (``variant="described"``): every stored body mixed, plain mixing (no server step).
@@ -110,23 +106,11 @@ class VoteInfo(NoInfo):
     )
 
 
-def selection_length(value: float, global_epoch: int) -> int:
-    n = int(global_epoch * value) if value < 1 else int(value)
-    return max(1, min(n, global_epoch))
-
-
-def default_candidates(layer_names: Sequence[str]) -> list[str]:
-    fc = [n for n in layer_names if n.startswith("fc") or n == "classifier"]
-    return fc if fc else list(layer_names[-3:])
-
-
 class FedCMDServer(ServerStrategy):
     Info = VoteInfo
+    state_version = 2  # version 1 kept the vote's four fields separately
     state_fields = (
-        "round_modes",
-        "vote_totals",
-        "client_votes",
-        "chosen",
+        "vote",
         "body_keys",
         "personal_keys",
         "bodies",
@@ -144,17 +128,11 @@ class FedCMDServer(ServerStrategy):
     def __init__(self, params: FedCMDParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
         self.params: FedCMDParams = params
-        spec = ctx.spec
-        self.candidates = list(params.candidates or default_candidates(spec.layer_names))
-        unknown = [c for c in self.candidates if c not in spec.layer_names]
-        if unknown:
-            raise ValueError(f"fedcmd: candidate layers {unknown} are not layers of the model {spec.layer_names}")
-        self.phase1 = selection_length(params.selection_rounds, ctx.global_epoch)
-        self.trainable = spec.trainable_keys()
-        self.round_modes: list[str | None] = []
-        self.vote_totals: Counter[str] = Counter()
-        self.client_votes: dict[int, dict[str, int]] = {}
-        self.chosen: str | None = None
+        try:
+            self.vote = LayerVote(params, ctx)  # phase 1: which layer stays on the devices
+        except ValueError as e:
+            raise ValueError(f"fedcmd: {e}") from None
+        self.trainable = self.vote.trainable
         self.body_keys: list[str] = []
         self.personal_keys: list[str] = []
         # the two per-client body stores share the context's memory budget (bodies.py: the rest spills to disk)
@@ -174,19 +152,19 @@ class FedCMDServer(ServerStrategy):
 
     # ----------------------------------------------------------------------------------- structure
     def phase(self, rnd: int) -> str:
-        return "select" if rnd < self.phase1 else "personal"
+        return "select" if self.vote.selecting(rnd) else "personal"
 
     def sequential(self, rnd: int) -> bool:
-        return rnd >= self.phase1 and self.params.body_mode == "relay"
+        return not self.vote.selecting(rnd) and self.params.body_mode == "relay"
 
     def shared_keys(self, rnd: int) -> list[str]:
-        return self.trainable if rnd < self.phase1 else self.body_keys
+        return self.trainable if self.vote.selecting(rnd) else self.body_keys
 
     # ----------------------------------------------------------------------------------- dispatch
     def begin_round(self, rnd: int, cids: Sequence[int]) -> None:
-        if rnd == self.phase1 or (rnd > self.phase1 and self.chosen is None):
+        if self.vote.due(rnd):
             self._finish_selection()
-        if rnd >= self.phase1 and self.params.body_mode == "weighted":
+        if not self.vote.selecting(rnd) and self.params.body_mode == "weighted":
             diag: dict[str, float] = {}
             bodies = self._weighted_bodies(cids, diag, rnd)
             self._round_bodies = dict(zip(cids, bodies))
@@ -198,16 +176,15 @@ class FedCMDServer(ServerStrategy):
             self.diagnostics = diag
 
     def configure_fit(self, rnd: int, cid: int) -> Task:
-        if rnd < self.phase1:
-            cfg = {"upload": self.trainable, "vote": self.candidates}
-            return Task(rnd, "fit", {k: self.global_arrays[k] for k in self.trainable}, cfg)
+        if self.vote.selecting(rnd):
+            return Task(rnd, "fit", {k: self.global_arrays[k] for k in self.trainable}, self.vote.fit_config())
         body = self._body_for(cid)
         self.sent[cid] = body  # what this device starts from: server_lr steps along theta - start
         arrays = unflatten(body, self.global_arrays, self.body_keys)
         return Task(rnd, "fit", arrays, {"upload": self.body_keys, "personal": self.personal_keys})
 
     def configure_evaluate(self, rnd: int, cid: int) -> Task:
-        if rnd < self.phase1:
+        if self.vote.selecting(rnd):
             return Task(rnd, "evaluate", {k: self.global_arrays[k] for k in self.trainable}, {})
         return Task(rnd, "evaluate", unflatten(self._body_for(cid), self.global_arrays, self.body_keys), {})
 
@@ -223,7 +200,7 @@ class FedCMDServer(ServerStrategy):
         return super().expected_upload(task) + [DELTA + k for k in task.config.get("personal", [])]
 
     def on_update(self, rnd: int, cid: int, update: Update) -> None:
-        if rnd >= self.phase1 and self.params.body_mode == "relay":
+        if not self.vote.selecting(rnd) and self.params.body_mode == "relay":
             self.relay_body = flatten(update.arrays, self.body_keys)
 
     def aggregate(self, rnd: int, updates: Mapping[int, Update]) -> dict[str, Any]:
@@ -231,8 +208,8 @@ class FedCMDServer(ServerStrategy):
         for c in done:
             self.sizes[c] = max(updates[c].num_samples, 1)
         facts: dict[str, Any] = {}
-        if rnd < self.phase1:
-            candidate_keys = self.ctx.spec.keys_of(self.candidates)
+        if self.vote.selecting(rnd):
+            candidate_keys = self.vote.candidate_keys()
             for c in done:
                 arrays = updates[c].arrays
                 self.bodies[c] = flatten(arrays, self.trainable)
@@ -240,13 +217,7 @@ class FedCMDServer(ServerStrategy):
                 self.sent[c] = flatten(self.global_arrays, self.trainable)
                 # Phase-1 devices trained from the global model: their update is trained - global.
                 self.deltas[c] = {k: arrays[k] - self.global_arrays[k] for k in candidate_keys if k in arrays}
-            votes = [updates[c].info.get("votes", {}) for c in done]
-            for c, v in zip(done, votes):
-                self.client_votes[c] = v
-                self.vote_totals.update(v)
-            rmode = round_mode(votes, self.candidates)
-            self.round_modes.append(rmode)
-            facts["round_layer"] = rmode
+            facts["round_layer"] = self.vote.record(updates)
             super().aggregate(rnd, updates)  # FedAvg of the trainable entries
             return facts
         for c in done:
@@ -266,11 +237,7 @@ class FedCMDServer(ServerStrategy):
 
     # ----------------------------------------------------------------------------------- selection
     def _finish_selection(self) -> None:
-        counts = Counter(m for m in self.round_modes if m is not None)
-        self.chosen = mode(counts, self.candidates) or self.candidates[-1]
-        personal = set(self.ctx.spec.keys_of([self.chosen]))
-        self.personal_keys = [k for k in self.trainable if k in personal]
-        self.body_keys = [k for k in self.trainable if k not in personal]
+        self.personal_keys, self.body_keys = self.vote.choose()
         # Stored phase-1 models become bodies; their chosen-layer updates seed the similarities.
         for store in (self.bodies, self.sent):
             for c in list(store):
@@ -360,11 +327,8 @@ class FedCMDServer(ServerStrategy):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "chosen_layer": self.chosen,
-            "selection_rounds": self.phase1,
-            "round_layers": self.round_modes,
-            "vote_counts": dict(self.vote_totals),
-            "client_votes": {str(c): v for c, v in sorted(self.client_votes.items())},
+            **self.vote.summary(),
+            "client_votes": {str(c): v for c, v in sorted(self.vote.client_votes.items())},
             "body_mode": self.params.body_mode,
             "variant": self.params.variant,
         }

@@ -26,30 +26,30 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
+from fedcmd_core.strategies.bodies import BodyStore
+from fedcmd_core.strategies.phases import PhaseLength, phase_rounds
 
 
 class PFedSimParams(HyperParams):
-    warmup_round: float = Field(0.5, ge=0, description="fraction (< 1) or number of FedAvg warm-up rounds")
+    warmup_round: PhaseLength = Field(0.5, ge=0, description="fraction (< 1) or number of FedAvg warm-up rounds")
     personal_layers: tuple[str, ...] = ("classifier",)
 
 
-def warmup_rounds(value: float, global_epoch: int) -> int:
-    return int(global_epoch * value) if value < 1 else min(int(value), global_epoch)
-
-
 class PFedSimServer(ServerStrategy):
+    state_version = 2  # version 1 kept a list with every client's body
     state_fields = ("weights", "bodies", "heads")
 
     def __init__(self, params: PFedSimParams, ctx: ServerContext) -> None:
         super().__init__(params, ctx)
         self.params: PFedSimParams = params
-        self.warmup = warmup_rounds(params.warmup_round, ctx.global_epoch)
+        self.warmup = phase_rounds(params.warmup_round, ctx.global_epoch)
         spec = ctx.spec
         personal = set(spec.keys_of(params.personal_layers))
         self.body_keys = [k for k in spec.trainable_keys() if k not in personal]
         self.personal_keys = [k for k in spec.trainable_keys() if k in personal]
         self.weights = np.eye(ctx.num_clients)
-        self.bodies: list[np.ndarray] = []  # per client, flattened body; filled when warm-up ends
+        # per client, its flattened body since it last trained (a client not in it has the warmed-up body)
+        self.bodies = BodyStore(ctx.body_budget_bytes, ctx.spill_dir, "bodies")
         self.heads: dict[int, np.ndarray] = {}  # per client, the personal weight matrix for similarity
         self._round_bodies: dict[int, np.ndarray] = {}
 
@@ -62,12 +62,14 @@ class PFedSimServer(ServerStrategy):
     def begin_round(self, rnd: int, cids: Sequence[int]) -> None:
         if rnd < self.warmup:
             return
-        if not self.bodies:  # first personal round: every device starts from the warmed-up model
-            start = flatten(self.global_arrays, self.body_keys)
-            self.bodies = [start for _ in range(self.ctx.num_clients)]
         mix = np.stack([self._mixing(c) for c in cids])
-        agg = kernels.weighted_aggregate(mix, self.bodies)
+        agg = kernels.weighted_aggregate(mix, self._every_body())
         self._round_bodies = {c: agg[i] for i, c in enumerate(cids)}
+
+    def _every_body(self) -> list[np.ndarray]:
+        """Every client's body, in client order (after warm-up the global model is the warmed-up one)."""
+        start = flatten(self.global_arrays, self.body_keys)
+        return [self.bodies.get(c, start) for c in range(self.ctx.num_clients)]
 
     def _mixing(self, cid: int) -> np.ndarray:
         row = self.weights[cid].copy()
@@ -84,7 +86,7 @@ class PFedSimServer(ServerStrategy):
             return super().configure_fit(rnd, cid)
         body = self._round_bodies.get(cid)
         if body is None:  # evaluation of a client outside the round
-            body = kernels.weighted_aggregate(self._mixing(cid)[None, :], self.bodies)[0]
+            body = kernels.weighted_aggregate(self._mixing(cid)[None, :], self._every_body())[0]
         arrays = unflatten(body, self.global_arrays, self.body_keys)
         return Task(rnd, "fit", arrays, {"upload": self.body_keys + self.personal_keys})
 
