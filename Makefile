@@ -13,7 +13,7 @@ endif
 STAMP   := $(VENV)/.fedcmd-installed
 DEMO    := runs/demo
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint clean hil-arm wheels
 
 setup: $(STAMP)
 
@@ -35,6 +35,22 @@ demo: setup
 	$(BIN)/fedcmd simulate --algo fedcmd -d mnist5k --partition $(DEMO)/partition.npz -jr 0.25 -ge 40 --out $(DEMO)/fedcmd --force
 	$(BIN)/fedcmd simulate --algo fedavg -d mnist5k --partition $(DEMO)/partition.npz -jr 0.25 -ge 40 --out $(DEMO)/fedavg --force
 	$(BIN)/fedcmd compare $(DEMO)/fedcmd $(DEMO)/fedavg
+
+# The emulated Raspberry Pi (tests/hil/README.md, "The aarch64 device"): a cached Debian bookworm arm64 rootfs
+# under qemu user-mode (~/.cache/fedcmd/hil-arm, FEDCMD_HIL_ARM_CACHE), the mixed x86 + aarch64 namespace
+# fleet, the conformance suite and test_arm.py against it. Root, qemu-user-static, binfmt-support, debootstrap.
+HIL_ARM_REPORT ?= runs/hil-arm
+hil-arm: setup
+	$(BIN)/python tests/hil/arm_rootfs.py build
+	$(BIN)/python tests/hil/arm_rootfs.py wheel --out dist
+	FEDCMD_HIL_ARM_REPORT=$(HIL_ARM_REPORT) $(BIN)/python -m pytest -q -rs -p no:cacheprovider -m hil --hil-arm tests/hil
+
+# dist/: the x86_64 wheel built here (its own CMake tree, not the editable install's) and the aarch64 wheel
+# built inside the emulated Pi's rootfs (what a Pi installs: deploy/README.md).
+wheels: setup
+	$(BIN)/pip wheel -q --no-deps -w dist -Cbuild-dir=build/wheel-{wheel_tag} .
+	$(BIN)/python tests/hil/arm_rootfs.py wheel --out dist
+	@ls -l dist/*.whl
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -32,6 +32,8 @@ class Device:
     state_dir: str
     runner: Runner | None = None
     no_runner_reason: str = ""
+    edge_cmd: list[str] | None = None  # fedcmd-edge on this device, when it differs from the fleet's
+    arch: str = ""  # e.g. "aarch64 (qemu user-mode)" for the emulated Pi; "" = this machine's
     # namespace devices only
     ns: str | None = None
     pid: int | None = None
@@ -50,7 +52,7 @@ class Device:
         return self.runner(argv, input, timeout)
 
     def __repr__(self) -> str:
-        return f"<device {self.id} {self.profile}>"
+        return f"<device {self.id} {self.profile}{' ' + self.arch.split()[0] if self.arch else ''}>"
 
 
 @dataclass

@@ -62,7 +62,8 @@ class NetnsFleet(FleetUnderTest):
     _runs: list[CoordinatorRun] = field(default_factory=list)
 
     @classmethod
-    def start(cls, workdir: Path, partition: Path, profiles: Sequence[str] = PROFILES) -> NetnsFleet:
+    def start(cls, workdir: Path, partition: Path, profiles: Sequence[str] = PROFILES, **fields: Any) -> NetnsFleet:
+        """``fields``: further dataclass fields of a subclass (hil.arm_fleet.MixedFleet)."""
         removed = netns.remove_leftovers()
         backend, notes = limits.choose_backend()
         removed += limits.remove_leftovers(backend)
@@ -109,6 +110,7 @@ class NetnsFleet(FleetUnderTest):
             partition=partition,
             workdir=workdir,
             backend=backend,
+            **fields,
         )
         fleet._describe(removed, notes)
         try:
@@ -142,32 +144,36 @@ class NetnsFleet(FleetUnderTest):
         if removed:
             self.report.append(f"removed leftovers of dead runs: {', '.join(removed)}")
 
-    def _start_agents(self) -> None:
+    def _agent_argv(self, d: Device) -> list[str]:
+        """The agent's command line on device ``d`` (run inside its namespace, under its confinement)."""
         assert self.partition is not None
+        return [
+            *self.edge_cmd,
+            "run",
+            "--broker",
+            self.broker_url,
+            "--client-id",
+            str(d.id),
+            "--data",
+            str(self.partition),
+            "-d",
+            DATASET,
+            "--state-dir",
+            d.state_dir,
+            "--fleet",
+            self.name,
+            "--profile",
+            d.profile,
+            "--threads",
+            "1",
+            "--wait",
+            "900",
+        ]
+
+    def _start_agents(self) -> None:
         for d in self.devices:
             assert d.confinement is not None and d.ns is not None and d.log_path is not None
-            argv = [
-                *self.edge_cmd,
-                "run",
-                "--broker",
-                self.broker_url,
-                "--client-id",
-                str(d.id),
-                "--data",
-                str(self.partition),
-                "-d",
-                DATASET,
-                "--state-dir",
-                d.state_dir,
-                "--fleet",
-                self.name,
-                "--profile",
-                d.profile,
-                "--threads",
-                "1",
-                "--wait",
-                "900",
-            ]
+            argv = self._agent_argv(d)
             with open(d.log_path, "ab") as log:
                 proc = subprocess.Popen(
                     d.confinement.wrap(tied(exec_argv(d.ns, argv))),

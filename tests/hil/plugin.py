@@ -8,6 +8,7 @@ elsewhere). Fixtures: ``fleet`` (a :class:`hil.fleet.FleetUnderTest`, one per se
 from __future__ import annotations
 
 import atexit
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ import pytest
 if TYPE_CHECKING:
     from hil.fleet import FleetUnderTest
 
-_REPORT: list[str] = []  # what the terminal summary says about the fleet under test
+_REPORT: list[list[str]] = []  # what the terminal summary says about the fleet under test
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,6 +33,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="with --fleet: shell command that restarts the fleet's broker (else that test skips)")
     group.addoption("--fleet-edge-cmd", metavar="CMD", default="fedcmd-edge",
                     help="with --fleet: how `fedcmd-edge` is invoked over ssh on the devices [fedcmd-edge]")
+    group.addoption("--hil-arm", action="store_true", default=os.environ.get("FEDCMD_HIL_ARM") == "1",
+                    help="namespace fleet with an emulated aarch64 Raspberry Pi (qemu; tests/hil/arm_fleet.py) "
+                         "and the aarch64 tests (test_arm.py); `make hil-arm`. Also FEDCMD_HIL_ARM=1")
+
+
+def arm_enabled(config: pytest.Config) -> bool:
+    return bool(config.getoption("--hil-arm")) and config.getoption("--fleet") is None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """test_arm*.py are the aarch64 part: collected only with --hil-arm (make hil-arm), so make test's
+    time does not depend on an emulated build, and nothing of it shows up as skipped there."""
+    if collection_path.name.startswith("test_arm") and collection_path.parent.name == "hil":
+        return None if arm_enabled(config) else True
+    return None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,11 +92,20 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         partition = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist5k-d01-s42.npz"
         if not partition.is_file():
             pytest.skip(f"the shared mnist5k partition is not present at {partition}")
-        from hil.netns_fleet import NetnsFleet
+        if arm_enabled(request.config):
+            from hil import arm_rootfs
+            from hil.arm_fleet import MixedFleet
 
-        made = NetnsFleet.start(tmp_path_factory.mktemp("hil-fleet"), partition)
+            why = arm_rootfs.why_unavailable()
+            if why:
+                pytest.skip(f"no emulated aarch64 device: {why}")
+            made = MixedFleet.start_mixed(tmp_path_factory.mktemp("hil-fleet"), partition)
+        else:
+            from hil.netns_fleet import NetnsFleet
+
+            made = NetnsFleet.start(tmp_path_factory.mktemp("hil-fleet"), partition)
     atexit.register(made.close)  # if the session ends without teardown; close() is idempotent
-    _REPORT[:] = made.report
+    _REPORT[:] = [made.report]  # the fleet's own list: tests may add lines (test_arm.py's measurements)
     try:
         yield made
     finally:
@@ -90,5 +115,6 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _REPORT:
         terminalreporter.section("hil: fleet under test and the limits enforced on it")
-        for line in _REPORT:
-            terminalreporter.write_line(line)
+        for lines in _REPORT:
+            for line in lines:
+                terminalreporter.write_line(line)

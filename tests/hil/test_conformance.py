@@ -82,7 +82,7 @@ def test_device_exports_onnx_and_predicts(fleet: FleetUnderTest, baseline: Basel
         remote = fleet.put_file(d, tmp_path / f"inputs-{d.id}.npy")
         # the agent exports after its last update went out: give it a moment
         wait_file(lambda d=d: d.run(["test", "-s", d.model_path]).returncode == 0, 60, f"{d.model_path} on {d}")
-        proc = d.run([*fleet.edge_cmd, "predict", "--model", d.model_path, "--json", remote])
+        proc = d.run([*(d.edge_cmd or fleet.edge_cmd), "predict", "--model", d.model_path, "--json", remote])
         assert proc.returncode == 0, f"predict on {d}: {proc.stderr.decode()[-2000:]}"
         predictions = json.loads(proc.stdout)
         assert [p["input"] for p in predictions] == [str(i) for i in range(len(x))]
