@@ -33,7 +33,7 @@ def _mqtt_run_in_process(values: dict[str, Any], url: str) -> SimulationResult:
     job = WorkerJob(url=url, protocol=transport.protocol, fleet=FLEET, cids=list(range(p.partition.num_clients)),
                     dataset=cfg.dataset, partition=str(cfg.partition), seed=cfg.seed)
     parent, child = multiprocessing.Pipe()
-    worker = threading.Thread(target=_worker, args=(json.dumps(asdict(job)), child), daemon=True)
+    worker = threading.Thread(target=_worker, args=(json.dumps(asdict(job)), child, False), daemon=True)
     worker.start()
     try:
         return run_coordinator(p, transport, registration_timeout=120)
