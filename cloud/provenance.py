@@ -67,6 +67,29 @@ def kernels_backend() -> str | None:
     return kernels.backend()
 
 
+OUT_FLAGS = ("--out", "-o")
+RUN_FOLDER = "<this run folder>"
+
+
+def command_without_out(command: list[str]) -> list[str]:
+    """The command line with its output folder replaced by a placeholder: summary.json says what was run, and
+    two runs of one command into two folders still agree byte for byte (config.json keeps the literal line)."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            out.append(RUN_FOLDER)
+            skip = False
+        elif arg in OUT_FLAGS:
+            out.append(arg)
+            skip = True
+        elif any(arg.startswith(f"{flag}=") for flag in OUT_FLAGS):
+            out.append(arg.split("=", 1)[0] + "=" + RUN_FOLDER)
+        else:
+            out.append(arg)
+    return out
+
+
 def provenance(partition_sha256: str | None = None, partition_source: str | None = None) -> dict[str, Any]:
     """The provenance block of a run folder (the command line is this process's own)."""
     return {

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloud.config import ConfigError, RunConfig
+from cloud.config import ConfigError, RunConfig, recorded_config
 from cloud.monitor import events as ev
+from cloud.provenance import command_without_out
 from fedcmd_core.state_tree import DiskError
 
 METRIC_COLUMNS = [
@@ -176,7 +177,9 @@ def _info(result: Any, info: RunInfo | None) -> RunInfo:
     cfg = getattr(result, "config", None)
     if cfg is None:
         raise ValueError("a run result without a config needs a RunInfo")
-    return RunInfo.of_simulation(cfg, result.partition.num_clients, getattr(result, "provenance", None) or {})
+    info = RunInfo.of_simulation(cfg, result.partition.num_clients, getattr(result, "provenance", None) or {})
+    info.config = recorded_config(cfg, result.partition.num_clients, result.partition.meta)  # what the run used
+    return info
 
 
 def summary(result: RunResult, info: RunInfo | None = None) -> dict[str, Any]:
@@ -205,7 +208,8 @@ def summary(result: RunResult, info: RunInfo | None = None) -> dict[str, Any]:
         if result.attackers
         else None,
         "strategy": result.strategy_summary,
-        "provenance": i.provenance,
+        "provenance": {**i.provenance, "command": command_without_out(list(i.provenance.get("command") or []))}
+        if i.provenance else {},
     }
 
 

@@ -47,17 +47,21 @@ def compare(
     if json_out:
         sys.stdout.write(to_json(columns, table))
         return
-    t = Table(title=f"{len(table)} runs side by side")
+    t = Table(title=f"{len(table)} run{'s' if len(table) != 1 else ''} side by side")
     numeric = {"paper_metric", "final_personalized_acc", "rounds", "mib_down", "mib_up", "seconds"}
     heads = {"paper_metric": "paper metric %", "final_personalized_acc": "final all-client %", "chosen_layer": "layer",
-             "mib_down": "MiB down", "mib_up": "MiB up", "seconds": "s"}
+             "mib_down": "MiB down", "mib_up": "MiB up", "seconds": "s", "run": "#"}
     for col in columns:
-        # the run path wraps (overflow="fold"), never ellipsised
-        t.add_column(heads.get(col, col), justify="right" if col in numeric else "left", overflow="fold",
-                     no_wrap=False, min_width=8 if col == "run" else None)
-    for row in table:
-        t.add_row(*(_cell(row.get(c), c) for c in columns))
-    console.print(t)
+        t.add_column(heads.get(col, col), justify="right" if col in numeric or col == "run" else "left", no_wrap=True)
+    for i, row in enumerate(table, 1):
+        t.add_row(str(i), *(_cell(row.get(c), c) for c in columns[1:]))
+    # Never cut: the table is as wide as its widest cell (a narrow terminal wraps the lines, it loses nothing),
+    # and run folders are numbered, their full paths listed below.
+    needed = Console(width=100_000).measure(t).maximum
+    out = Console(width=max(console.width, needed), soft_wrap=True)
+    out.print(t)
+    for i, row in enumerate(table, 1):
+        out.print(f"#{i}  {row['run']}", soft_wrap=True, highlight=False, markup=False)
     if plot is not None:
         console.print(f"curves: {plot}")
 

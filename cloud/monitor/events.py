@@ -46,6 +46,7 @@ class UpdateAccepted:
     client: int
     bytes: int
     num_samples: int
+    kind: str = "fit"  # fit (a training round) or evaluate (the evaluation of every device)
 
 
 @dataclass(frozen=True)

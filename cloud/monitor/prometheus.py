@@ -1,7 +1,7 @@
 """Prometheus metrics of a coordinator, fed by its event stream and served at the dashboard's ``/metrics``.
 
 Each sink has its own registry (two runs in one process never share counters). Names (``fleet`` label on
-each): fedcmd_rounds_completed_total, fedcmd_round_duration_seconds (histogram), fedcmd_updates_accepted_total,
+each): fedcmd_rounds_completed_total, fedcmd_round_duration_seconds (histogram), fedcmd_updates_accepted_total{kind},
 fedcmd_updates_rejected_total{reason}, fedcmd_bytes_total{direction="up"|"down"}, fedcmd_devices{state},
 fedcmd_paper_metric (mean test accuracy before training over the last 10 rounds, %), fedcmd_round (the
 current round, 1-based), fedcmd_test_accuracy{when="before"|"after"} (the last closed round's)."""
@@ -29,7 +29,8 @@ class PrometheusSink:
         self.rounds = Counter("fedcmd_rounds_completed", "Rounds closed by the coordinator", ["fleet"], registry=r)
         self.duration = Histogram("fedcmd_round_duration_seconds", "Wall time of a round", ["fleet"],
                                   buckets=ROUND_BUCKETS, registry=r)
-        self.accepted = Counter("fedcmd_updates_accepted", "Device updates accepted", ["fleet"], registry=r)
+        self.accepted = Counter("fedcmd_updates_accepted", "Device updates accepted (kind: fit or evaluate)",
+                                ["fleet", "kind"], registry=r)
         self.rejected = Counter("fedcmd_updates_rejected", "Device messages rejected, by reason",
                                 ["fleet", "reason"], registry=r)
         self.bytes = Counter("fedcmd_bytes", "Bytes of tasks (down) and accepted updates (up)",
@@ -49,7 +50,7 @@ class PrometheusSink:
     def __call__(self, e: Any) -> None:
         f = self.fleet
         if isinstance(e, ev.UpdateAccepted):
-            self.accepted.labels(f).inc()
+            self.accepted.labels(f, e.kind).inc()
         elif isinstance(e, ev.UpdateRejected):
             self.rejected.labels(f, e.reason).inc()
         elif isinstance(e, ev.Presence):

@@ -105,9 +105,10 @@ class DashboardState:
             if self.current is not None and e.round + 1 == self.current["round"]:
                 self.current["answered"] += 1
             d = self._device(e.client)
-            d.rounds += 1
-            d.last_update_bytes = e.bytes
             d.last_seen = now
+            if e.kind == "fit":  # rounds taken part in; an evaluation is not one
+                d.rounds += 1
+                d.last_update_bytes = e.bytes
         elif isinstance(e, ev.UpdateRejected):
             self.rejected[e.reason] += 1
             if e.client is not None:
@@ -194,6 +195,9 @@ def read_run_folder(folder: Path) -> RunView:
                 if n is None:
                     raise RunFolderError(f"{metrics}: a row without a round number")
                 row: dict[str, Any] = {"round": int(n), "phase": r.get("phase", "")}
+                for key in ("sampled", "answered"):
+                    if r.get(key) is not None:
+                        row[key] = len(str(r[key]).split())
                 for key in (*ROUND_FIELDS, "bytes_down", "bytes_up", "seconds"):
                     row[key] = _num(r.get(key))
                 rows.append(row)

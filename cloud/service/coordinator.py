@@ -313,7 +313,7 @@ class Coordinator:
         self.bytes_up += len(payload)
         self.inbox[cid] = Update(header.round, arrays, num_samples, metrics, info)
         if self.events:
-            self.events.emit(ev.UpdateAccepted(header.round, cid, len(payload), num_samples))
+            self.events.emit(ev.UpdateAccepted(header.round, cid, len(payload), num_samples, task.kind))
 
     # ------------------------------------------------------------------------------------- collecting
     def _collect(self, rnd: int, cids: Sequence[int], kind: str, sequential: bool) -> tuple[list[int], int]:
