@@ -73,6 +73,8 @@ class RunConfig(TrainingSettings):
     broker: str = Field("auto", description="'auto' (private mosquitto, else embedded amqtt) or mqtt://host:port")
     update_codec: Literal["none", "fp16", "int8"] = Field("none", description="quantisation of device updates")
     workers: NonNegativeInt = Field(0, description="agent worker processes for --transport mqtt (0: one per core)")
+    # client-parallel training for the in-memory simulation (cloud/sim/pool.py); results equal one job's
+    jobs: NonNegativeInt = Field(0, description="client worker processes (0: the free cores; 1: this process)")
     # seconds a round waits for its devices over MQTT (None: until every one answered); an attacker whose
     # update is rejected never answers, so attacked MQTT runs need one
     round_deadline: PositiveFloat | None = None

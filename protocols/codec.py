@@ -167,7 +167,9 @@ def decode(frame: bytes) -> tuple[Header, dict[str, np.ndarray]]:
     if header.schema_version != SCHEMA_VERSION:
         raise DecodeError(f"unknown schema version {header.schema_version} (this build speaks {SCHEMA_VERSION})")
     try:
-        arrays = st_load(bytes(frame))
+        # sorted: safetensors hands back a Rust HashMap's order, random per process, and a consumer that
+        # iterates the arrays (FedFomo's peers, in its weighted mix) would round differently run to run
+        arrays = dict(sorted(st_load(bytes(frame)).items()))
     except Exception as e:  # untrusted input: any failure of the safetensors parser means a bad frame
         raise DecodeError(f"bad tensor body: {e}") from None
     return header, _dequantise(arrays, header.codec)

@@ -114,6 +114,10 @@ def simulate(
     save_fig: Optional[int] = typer.Option(None, "--save-fig", "--save_fig"),
     save_metrics: Optional[int] = typer.Option(None, "--save-metrics", "--save_metrics"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", help="processes training a round's clients in parallel, results identical to one "
+        "(default 0: the cores not already busy; 1: this process)"
+    ),
     transport: Optional[str] = typer.Option(
         None, "--transport", help="memory (one process) or mqtt (real MQTT agents in worker processes)"
     ),

@@ -241,7 +241,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 def run_grid(grid: Grid, jobs: int, on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run every cell without ``summary.json`` in up to ``jobs`` spawned processes."""
+    """Run every cell without ``summary.json`` with ``jobs`` processes in all: up to ``jobs`` spawned cell
+    processes, each training its clients in ``jobs // cells`` processes (at least one)."""
     outcomes: list[Outcome] = []
     todo: list[Cell] = []
     for cell in grid.cells:
@@ -254,10 +255,14 @@ def run_grid(grid: Grid, jobs: int, on_done: Callable[[Outcome], None] | None = 
     if todo:
         ctx = multiprocessing.get_context("spawn")
         workers = max(1, min(jobs, len(todo)))
+        # One budget of processes: what the cells leave over trains each cell's clients in parallel
+        # (`--jobs` of fedcmd simulate, cloud/sim/pool.py: the same numbers as one process).
+        cell_jobs = max(1, jobs // workers)
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             futures = {
-                pool.submit(_run_cell_safe, c.values, str(c.folder(grid.out)), str(failed_log(c, grid.out))): c
+                pool.submit(_run_cell_safe, {"jobs": cell_jobs, **c.values}, str(c.folder(grid.out)),
+                            str(failed_log(c, grid.out))): c
                 for c in todo
             }
             for fut in as_completed(futures):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from cloud.config import RunConfig
 from cloud.monitor.events import EventBus
 from cloud.service.coordinator import RoundRecord
+from cloud.sim.pool import resolve_jobs
 from cloud.sim.setup import (
     FLEET,
     Prepared,
@@ -45,6 +46,13 @@ def build_and_run(
         from cloud.sim.fleet import run_mqtt_simulation
 
         return run_mqtt_simulation(p, on_round=on_round, on_start=on_start, started=started, events=events)
+    jobs = resolve_jobs(cfg.jobs, p.partition.num_clients) if transport is None else 1
+    if jobs > 1 and p.device.type != "cpu":
+        jobs = 1  # CUDA cannot be used after fork: several clients per GPU is the GPU engine's job
+    if jobs > 1:
+        from cloud.sim.pool import run_parallel
+
+        return run_parallel(p, jobs, on_round, on_start, started, events=events)
     transport = transport or MemoryTransport()
     for cid in range(p.partition.num_clients):
         make_agent(p, transport, cid).announce()
