@@ -99,6 +99,16 @@ class Broker:
         return f"<{type(self).__name__} {self.url} running={self.running}>"
 
 
+def _raise_fd_limit() -> None:
+    """In the broker's child process: open files up to the hard limit (a connection is a descriptor)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 class MosquittoBroker(Broker):
     kind = "mosquitto"
 
@@ -127,6 +137,11 @@ class MosquittoBroker(Broker):
         self._proc: subprocess.Popen[bytes] | None = None
         lines = [
             f"listener {port} {host}",
+            # Fleet scale (issue 16): no connection cap on the listener (mosquitto's default, said here), and
+            # no Nagle delay on small packets (presences, PUBACKs). Each connection is one file descriptor:
+            # start() lifts the broker's soft RLIMIT_NOFILE to its hard limit (10,000 agents need 10,000+).
+            "max_connections -1",
+            "set_tcp_nodelay true",
             "allow_anonymous true",
             "max_queued_messages 0",  # unlimited: the default 1000 drops QoS 1 bursts silently
             "max_inflight_messages 0",
@@ -159,6 +174,7 @@ class MosquittoBroker(Broker):
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=_raise_fd_limit,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

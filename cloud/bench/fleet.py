@@ -29,17 +29,32 @@ from rich.table import Table
 console = Console()
 progress = Console(stderr=True)  # the "measuring ..." lines: --json output stays clean
 BASELINE = ("fedavg", "none")  # the row every other row is divided by
+WINDOW = 10  # samples per agent in the windowed benchmark partition (8 train, 2 test)
+SCALING = (500, 2000, 10000)  # fleet sizes of the scaling table (those up to --agents)
 RATIO_KEYS = ("round_s", "train_s", "bytes_down", "bytes_up", "messages", "coordinator_rss_mb", "worker_rss_mb")
 
 
 def _partition(out: Path, agents: int, seed: int) -> Path:
-    from fedcmd_core.data import PartitionArgs, load_dataset, make_partition
+    """IID clients of mnist5k; past 500 agents (too few images for disjoint clients of 10 samples) each
+    agent gets a window of 8 train and 2 test images of one seeded permutation, windows overlapping:
+    a benchmark of the fleet's machinery, not of accuracy."""
+    import numpy as np
 
-    path = out / f"mnist5k-iid-{agents}.npz"
-    if not path.is_file():
-        data = load_dataset("mnist5k")
+    from fedcmd_core.data import Partition, PartitionArgs, load_dataset, make_partition
+
+    path = out / f"mnist5k-bench-{agents}.npz"
+    if path.is_file():
+        return path
+    data = load_dataset("mnist5k")
+    if agents * WINDOW <= len(data):
         least = max(2, len(data) // agents // 2)
         make_partition(data, PartitionArgs(client_num=agents, iid=True, least_samples=least, seed=seed)).save(path)
+        return path
+    order = np.random.default_rng(seed).permutation(len(data))
+    step = len(data) / agents
+    windows = [order[(int(c * step) + np.arange(WINDOW)) % len(data)] for c in range(agents)]
+    meta = {"dataset": "mnist5k", "dataset_size": len(data), "scheme": f"bench windows of {WINDOW}"}
+    Partition([w[:8] for w in windows], [w[8:] for w in windows], meta=meta).save(path)
     return path
 
 
@@ -71,7 +86,20 @@ def measure(
         },
     )
     stats: dict[str, Any] = {}
-    result = fleet_sim.run_mqtt_simulation(prepare(cfg), stats_out=stats)
+    began = time.perf_counter()
+    marks: dict[str, float] = {}
+    rss_rounds: list[float] = []
+
+    def on_start(_: int) -> None:
+        marks["online"] = time.perf_counter() - began  # workers spawned, every agent connected and started
+
+    def on_round(_: Any) -> None:
+        rss_rounds.append(fleet_sim.rss_mb() or 0.0)
+
+    result = fleet_sim.run_mqtt_simulation(prepare(cfg), on_round=on_round, on_start=on_start, stats_out=stats)
+    ready = stats.get("worker_ready") or []
+    idle = [(r["ready_rss_mb"] - r["base_rss_mb"]) / max(1, r["agents"]) for r in ready
+            if r.get("ready_rss_mb") and r.get("base_rss_mb")]
     worker_peaks = stats.get("worker_peak_rss_mb") or []  # empty without /proc: the column says n/a
     recs = result.records[1:] if len(result.records) > 1 else result.records  # round 1 includes warm-up
     wall = np.mean([r.seconds for r in recs])
@@ -95,6 +123,10 @@ def measure(
         "coordinator_rss_mb": fleet_sim.peak_rss_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_rss_mb": max(worker_peaks) if worker_peaks else np.nan,
         "agents_per_worker": agents / max(1, stats.get("workers", 1)),
+        "online_s": marks.get("online", np.nan),
+        "idle_mb_per_agent": max(idle) if idle else np.nan,  # worker RSS growth from connecting, per agent
+        "coordinator_rounds_rss_mb": max(rss_rounds) if rss_rounds else np.nan,  # before the final evaluation
+        "worker_base_rss_mb": max((r["base_rss_mb"] for r in ready if r.get("base_rss_mb")), default=np.nan),
     }
 
 
@@ -128,16 +160,20 @@ def _with_ratio(r: dict[str, Any], key: str, text: str) -> str:
 def fleet(
     agents: int = typer.Option(100, "--agents", min=2, help="MQTT agents (each its own client and connection)"),
     per_round: int = typer.Option(10, "--per-round", min=1, help="clients sampled per round"),
-    rounds: int = typer.Option(3, "--rounds", min=1),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="rounds per row"),
     workers: int = typer.Option(0, "--workers", min=0, help="agent worker processes (0: one per core)"),
     broker: str = typer.Option("auto", "--broker", help="auto (private local broker) or mqtt://host:port"),
     out: Path = typer.Option(Path("runs/bench-fleet"), "--out", help="where the benchmark partition is kept"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    scaling: bool = typer.Option(
+        True, "--scaling/--no-scaling", help="also FedCMD fp32 at 500 / 2,000 / 10,000 agents (those below --agents)"
+    ),
 ) -> None:
-    """Per-round cost of a real MQTT fleet simulated on this machine: FedCMD vs FedAvg, fp32 vs fp16."""
+    """Per-round cost of a real MQTT fleet simulated on this machine: FedCMD vs FedAvg, fp32 vs fp16, and
+    how FedCMD scales with the fleet (start-up until every agent is online, round wall time, memory)."""
     out.mkdir(parents=True, exist_ok=True)
-    partition = _partition(out, agents, seed=1)
     rows = []
+    partition = _partition(out, agents, seed=1)
     for algo in ("fedcmd", "fedavg"):
         for codec in ("none", "fp16"):
             progress.print(f"[cyan]measuring {algo} ({codec}) with {agents} agents ...", highlight=False)
@@ -145,10 +181,40 @@ def fleet(
             rows.append(measure_fresh(algo, codec, partition, agents, per_round, rounds, workers, broker))
             rows[-1]["total_s"] = time.perf_counter() - started
     add_ratios(rows)
-    if as_json:
-        print(json.dumps(rows, indent=2, default=float))
+    scale_rows = []
+    for size in (n for n in SCALING if n < agents) if scaling else ():
+        progress.print(f"[cyan]measuring fedcmd (fp32) with {size} agents (scaling) ...", highlight=False)
+        scale_rows.append(measure_fresh("fedcmd", "none", _partition(out, size, seed=1), size, per_round, rounds,
+                                        workers, broker))
+    if as_json:  # the breakdown rows, then the scaling table's other fleet sizes ("table": "scaling")
+        print(json.dumps(rows + [{**r, "table": "scaling"} for r in scale_rows], indent=2, default=float))
         return
+    if scaling:
+        scale_rows.append(rows[0])  # FedCMD fp32 at --agents
     console.print(render(rows, agents, per_round, rounds))
+    if scale_rows:
+        console.print(render_scaling(scale_rows, per_round, rounds))
+
+
+def render_scaling(rows: list[dict[str, Any]], per_round: int, rounds: int) -> Table:
+    """FedCMD fp32 at each fleet size: start-up, round wall, memory per idle agent, coordinator RSS."""
+    table = Table(
+        title=f"FedCMD fp32, {per_round} agents per round: scaling with the fleet (rounds 2..{rounds})",
+        caption="online s: from start until every agent is connected and started; idle MB / agent: a worker's "
+        "RSS growth from connecting its agents, per agent; coordinator RSS: peak during the rounds / "
+        "whole run (with the final evaluation of every agent)",
+    )
+    for c in ("agents", "workers", "online s", "round s", "train s", "aggregate s", "idle MB / agent",
+              "worker base MB", "worker peak MB", "coordinator RSS MB"):
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['agents']}", f"{r['agents'] / r['agents_per_worker']:.0f}", f"{r['online_s']:.1f}",
+            f"{r['round_s']:.2f}", f"{r['train_s']:.2f}", f"{r['aggregate_s']:.3f}", f"{r['idle_mb_per_agent']:.3f}",
+            f"{r['worker_base_rss_mb']:.0f}", f"{r['worker_rss_mb']:.0f}",
+            f"{r['coordinator_rounds_rss_mb']:.0f} / {r['coordinator_rss_mb']:.0f}",
+        )
+    return table
 
 
 def render(rows: list[dict[str, Any]], agents: int, per_round: int, rounds: int) -> Table:
