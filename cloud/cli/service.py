@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from cloud.cli.errors import fail, print_error
 
@@ -60,8 +60,10 @@ def status(
     ca: Optional[Path] = typer.Option(None, "--ca", help="CA certificate (TLS)"),
     cert: Optional[Path] = typer.Option(None, "--cert", help="client certificate (TLS)"),
     key: Optional[Path] = typer.Option(None, "--key", help="client private key (TLS)"),
+    watch: bool = typer.Option(False, "--watch", help="keep showing the status as it changes (Ctrl-C to stop)"),
+    json_out: bool = typer.Option(False, "--json", help="print the status as JSON (with --watch: one line each)"),
 ) -> None:
-    """Print the coordinator's retained status."""
+    """Print the coordinator's retained status (--watch: a live table; --json: for scripts)."""
     from protocols.mqtt import AddressError, CredentialsError, connect
     from protocols.topics import status_topic
     from protocols.transport import TransportError
@@ -73,7 +75,10 @@ def status(
         fail(str(e))
     except TransportError as e:
         fail(str(e), 3)  # the broker is not there (yet): retryable
+    from cloud.cli.status_view import status_json, status_table
+
     got: dict = {}
+    seen = {"count": 0, "at": 0.0}
 
     def on_status(topic: str, payload: bytes) -> None:
         try:
@@ -81,21 +86,47 @@ def status(
         except (ValueError, RecursionError):
             doc = None
         if isinstance(doc, dict):  # anything else on the status topic is not a coordinator's
+            got.clear()
             got.update(doc)
+            seen["count"] += 1
+            seen["at"] = time.time()
 
     transport.subscribe(status_topic(fleet), on_status)
     transport.run_until(lambda: bool(got), timeout)
-    transport.close()
     if not got:
+        transport.close()
         fail(f"no coordinator status for fleet {fleet!r} on {broker}")
-    table = Table(title=f"fleet {fleet}")
-    table.add_column("field")
-    table.add_column("value")
-    for key in ("state", "next_round", "global_epoch", "online", "profiles", "rejected"):
-        table.add_row(key, str(got.get(key)))
-    last = got.get("last_round") or {}
-    for key, value in last.items():
-        table.add_row(f"last round {key}", str(value))
-    run = got.get("run") or {}
-    table.add_row("algorithm", f"{run.get('algo')} {run.get('hp') or ''}")
-    console.print(table)
+    if not watch:
+        transport.close()
+        if json_out:
+            typer.echo(status_json(got))
+        else:
+            console.print(status_table(got, fleet))
+        return
+    _watch(transport, got, seen, fleet, json_out)
+
+
+def _watch(transport: Any, got: dict, seen: dict, fleet: str, json_out: bool) -> None:
+    """Show every new retained status until Ctrl-C: a table redrawn in place, or one JSON line each."""
+    from rich.live import Live
+
+    from cloud.cli.status_view import status_json, status_table
+
+    shown = 0
+    try:
+        if json_out:
+            while True:
+                if seen["count"] != shown:
+                    shown = seen["count"]
+                    typer.echo(status_json(got))
+                transport.run_until(lambda n=shown: seen["count"] != n, 1.0)
+        with Live(status_table(got, fleet, seen["at"]), console=console, refresh_per_second=4) as live:
+            while True:
+                if seen["count"] != shown:
+                    shown = seen["count"]
+                    live.update(status_table(got, fleet, seen["at"]))
+                transport.run_until(lambda n=shown: seen["count"] != n, 1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.close()

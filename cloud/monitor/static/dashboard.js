@@ -6,6 +6,7 @@
   const COLOURS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442",
                    "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF"];
   const DASHES = [[], [8, 4], [2, 3], [10, 3, 2, 3]];
+  const ROUND_TICKS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];  // whole rounds
   const $ = (id) => document.getElementById(id);
   const charts = {};
   let last = null;
@@ -42,7 +43,7 @@
     const opts = {
       width: width(el), height: 260,
       scales: { x: { time: false } },
-      axes: [{ label: "round" }, { label: yLabel, size: 60 }],
+      axes: [{ label: "round", incrs: ROUND_TICKS }, { label: yLabel, size: 60 }],
       series: [{ label: "round" }, ...series],
       legend: { live: true },
       hooks: hooks || {},
