@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictFloat, ValidationError, field_validator
+from pydantic import Field, StrictBool, StrictFloat, ValidationError, field_validator, model_validator
 
 from fedcmd_core.runspec import (
     NonNegativeFloat,
@@ -18,6 +19,7 @@ from fedcmd_core.runspec import (
     first_error,
 )
 from fedcmd_core.state_tree import DiskError, check_writable
+from fedcmd_core.suggest import unknown_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +35,10 @@ class Unavailable(Exception):
     """The broker or the fleet is not there (yet): worth retrying later (exit 3), unlike a ConfigError."""
 
 
-__all__ = ["ConfigError", "DiskError", "RunConfig", "Unavailable", "check_writable", "load_config_file", "resolve"]
+__all__ = [
+    "ConfigError", "DiskError", "RunConfig", "Unavailable", "check_writable", "load_config_file", "recorded_config",
+    "resolve",
+]
 
 AttackName = Literal["scale", "signflip", "noise", "nan"]
 
@@ -98,6 +103,24 @@ class RunConfig(TrainingSettings):
     visible_keep: NonNegativeFloat = 0.0  # seconds the dashboard stays up after the run (0: it closes)
     tensorboard: Path | None = None  # TensorBoard folder (default with --visible tensorboard: runs/tensorboard/...)
 
+    @model_validator(mode="after")
+    def _one_scheme(self) -> RunConfig:
+        """One partition scheme: alpha is the default scheme, replaced by --iid, -c or -s when one of those is
+        given; alpha given beside another is a conflict, not a silent choice (the seed took --iid first)."""
+        if self.partition is not None:
+            return self
+        given = self.model_fields_set
+        others = [flag for flag, on in (("--iid", self.iid), ("-c/--classes", self.classes > 0 and
+                  self.dataset != "synthetic"), ("-s/--shards", self.shards > 0)) if on]
+        if "alpha" in given and self.alpha > 0 and others:
+            raise ValueError(f"alpha: -a/--alpha {self.alpha:g} (Dirichlet) and {others[0]} are two partition "
+                             "schemes; give one")
+        if len(others) > 1:
+            raise ValueError(f"{others[0]} and {others[1]} are two partition schemes; give one")
+        if others and "alpha" not in given:
+            self.__dict__["alpha"] = 0.0  # the other scheme replaces the default Dirichlet split
+        return self
+
     @field_validator("broker")
     @classmethod
     def _broker_url(cls, v: str) -> str:
@@ -127,32 +150,84 @@ class RunConfig(TrainingSettings):
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML run config. An ``[<algo>]`` or ``[hp]`` table holds the algorithm's hyper-parameters."""
+    """Read a TOML run config. ``[hp]`` holds hyper-parameters of the chosen algorithm and ``[hp.<algo>]``
+    (or ``[<algo>]``) those of one algorithm, so one file serves several."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {' '.join(str(e).split())}") from None
     return data
+
+
+def _algo_tables(merged: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Split a config's hyper-parameters into the flat ``[hp]`` keys and the per-algorithm tables."""
+    hp = merged.pop("hp", None) or {}
+    if not isinstance(hp, dict):
+        raise ConfigError("hp: must be a table of KEY = VALUE (or [hp.<algo>] tables)")
+    flat = {k: v for k, v in hp.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in hp.items() if isinstance(v, dict)}
+    for key in [k for k, v in merged.items() if isinstance(v, dict) and k not in RunConfig.model_fields]:
+        tables.setdefault(key, {}).update(merged.pop(key))  # the [<algo>] spelling
+    return flat, tables
+
+
+def _chosen_table(algo: str, tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The table of ``algo``, after checking every table: a known algorithm and valid keys and values (a
+    typo in [hp.pfedsim] is found while running fedcmd, not when pfedsim's turn comes)."""
+    from fedcmd_core.strategies import canonical_name, describe_hp_error, parse_params
+
+    try:
+        chosen = canonical_name(algo)
+    except ValueError:
+        chosen = None  # RunConfig names the unknown algorithm
+    out: dict[str, Any] = {}
+    for name, table in tables.items():
+        try:
+            canonical = canonical_name(name)
+        except ValueError as e:
+            raise ConfigError(f"[hp.{name}]: {e}") from None
+        try:
+            parse_params(canonical, table)
+        except ValidationError as e:
+            raise ConfigError(f"[hp.{name}]: {describe_hp_error(canonical, e)}") from None
+        if canonical == chosen:
+            out.update(table)
+    return out
 
 
 def resolve(file_values: dict[str, Any], cli_values: dict[str, Any]) -> RunConfig:
     """File first, then every option given on the command line (None = not given). Neither dict is changed."""
     cli_values = dict(cli_values)
     merged = dict(file_values)
-    hp = dict(merged.pop("hp", {}) or {})
-    algo = cli_values.get("algo") or merged.get("algo", "fedcmd")
-    for key in list(merged):
-        if isinstance(merged[key], dict) and key not in RunConfig.model_fields:
-            if key.lower() != str(algo).lower():
-                raise ConfigError(f"config table [{key}] does not match the algorithm {algo!r}; rename it [{algo}]")
-            hp.update(merged.pop(key))
-    hp.update(cli_values.pop("hp", None) or {})
+    flat, tables = _algo_tables(merged)
+    for key in merged:
+        if key not in RunConfig.model_fields:
+            raise ConfigError(unknown_key(key, RunConfig.model_fields, "setting"))
+    algo = cli_values.get("algo") or merged.get("algo", RunConfig.model_fields["algo"].default)
+    hp = {**flat, **_chosen_table(str(algo), tables), **(cli_values.pop("hp", None) or {})}
     merged.update({k: v for k, v in cli_values.items() if v is not None})
     merged["hp"] = hp
     try:
         cfg = RunConfig(**merged)
     except ValidationError as e:
-        raise ConfigError(first_error(e)) from None
+        raise ConfigError(first_error(e, model=RunConfig)) from None
     return cfg
+
+
+# The settings that make a partition here; with --partition they come from the file instead.
+PARTITION_FIELDS = ("client_num", "alpha", "iid", "classes", "shards", "least_samples", "split", "fraction")
+
+
+def recorded_config(cfg: RunConfig, num_clients: int, partition_meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json: the configuration the run used. With an imported partition the split settings are the
+    file's own (those it records; null where it records none), not this command's unused defaults."""
+    out = json.loads(cfg.model_dump_json())
+    if cfg.partition is not None:
+        args = partition_meta.get("args") if isinstance(partition_meta.get("args"), dict) else {}
+        for key in PARTITION_FIELDS:
+            out[key] = args.get(key)
+        out["client_num"] = num_clients
+        out["partition_scheme"] = partition_meta.get("scheme")
+    return out

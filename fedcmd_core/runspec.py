@@ -79,6 +79,14 @@ class TrainingSettings(BaseModel):
     eval_train: StrictBool = False
     eval_test: StrictBool = True
     finetune_epoch: Epochs = 0
+    # The device's optimiser and learning-rate schedule (fedcmd_core/optim.py, FL-bench's choices); the
+    # schedule counts the device's own local epochs, its state stays on the device with the optimiser's.
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr_scheduler: Literal["none", "step", "cosine"] = "none"
+    lr_step_size: Annotated[StrictInt, Field(ge=1, le=MAX_EPOCHS)] = 10
+    lr_gamma: PositiveFloat = 0.1
+    lr_t_max: Annotated[StrictInt, Field(ge=1, le=MAX_EPOCHS)] = 10
+    lr_eta_min: NonNegativeFloat = 0.0
     # Robust aggregation (DESIGN.md §3 "Trust boundary"): how averaging rounds combine updates, and the
     # update-norm clip against the round's median norm (0 = off).
     aggregation: Aggregation = "mean"
@@ -101,30 +109,44 @@ class TrainingSettings(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> TrainingSettings:
+        if self.optimizer != "sgd" and self.momentum != 0:
+            raise ValueError(f"momentum: {self.optimizer} has no momentum setting (its moments are built in); "
+                             "drop --momentum or use --optimizer sgd")
+        return self
+
+    @model_validator(mode="after")
     def _valid_hp(self) -> TrainingSettings:
         from fedcmd_core.strategies import parse_params
 
         try:
             parse_params(self.algo, self.hp)
         except ValidationError as e:
-            from fedcmd_core.strategies import algorithm
+            from fedcmd_core.strategies import describe_hp_error
 
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            known = ", ".join(sorted(algorithm(self.algo)[0].Params.model_fields))
-            hint = f"; {self.algo}'s hyper-parameters: {known}" if err["type"] == "extra_forbidden" else ""
-            raise ValueError(
-                f"bad hyper-parameter for {self.algo}: {where}: {err['msg']} (got {err.get('input')!r}){hint}"
-            ) from None
+            raise ValueError(describe_hp_error(self.algo, e)) from None
         return self
 
     def train_config(self) -> TrainConfig:
         from fedcmd_core.training import TrainConfig
 
-        return TrainConfig(self.local_epoch, self.batch_size, self.local_lr, self.momentum, self.weight_decay)
+        return TrainConfig(self.local_epoch, self.batch_size, self.local_lr, self.momentum, self.weight_decay,
+                           optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, lr_step_size=self.lr_step_size,
+                           lr_gamma=self.lr_gamma, lr_t_max=self.lr_t_max, lr_eta_min=self.lr_eta_min)
 
 
-def first_error(e: ValidationError, prefix: str = "") -> str:
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str] | None:
+    """The field names of the (nested) model at ``loc``, or None when ``loc`` leaves the models."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        model = inner
+    return list(model.model_fields)
+
+
+def first_error(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     """One line naming the field, what is wrong and the value given, for any settings ValidationError."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
@@ -133,8 +155,9 @@ def first_error(e: ValidationError, prefix: str = "") -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if msg.startswith("bad hyper-parameter"):  # raised by the model validator: it names its own field
         return f"{'.'.join(parts)}: {msg}" if parts else msg
-    text = f"{where}: {msg}"
-    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+    text = f"{where}: {msg}" if parts or err["type"] != "value_error" else msg  # a model check names its fields
+    shown = "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict)
+    if shown and not (isinstance(err["input"], str) and repr(err["input"]) in msg):  # quoted already: once
         text += f" (got {err['input']!r})"
     if err["type"] in ("int_type", "float_type", "bool_type") and isinstance(err.get("input"), str):
         text += "; write the value without quotes"
@@ -142,6 +165,11 @@ def first_error(e: ValidationError, prefix: str = "") -> str:
         text += "; write a whole number"
     elif err["type"] == "extra_forbidden":
         text = f"{where}: unknown setting; remove it or check its spelling"
+        known = _fields_at(model, loc[:-1]) if model is not None else None
+        if known is not None:
+            from fedcmd_core.suggest import did_you_mean
+
+            text = f"{where}: unknown setting{did_you_mean(loc[-1], known)} (valid: {', '.join(sorted(known))})"
     return text
 
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedcmd_core import optim
+from fedcmd_core.optim import OptimSettings
+
 # Called on the batches a strategy asked for, with the batch and every layer's output.
 BatchHook = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], None]
 # Extra loss terms (FedProx's proximal term, ...), added to the cross-entropy.
@@ -26,6 +29,17 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # fedcmd_core/optim.py: FL-bench's optimisers and learning-rate schedulers
+    optimizer: str = "sgd"
+    lr_scheduler: str = "none"
+    lr_step_size: int = 10
+    lr_gamma: float = 0.1
+    lr_t_max: int = 10
+    lr_eta_min: float = 0.0
+
+    def optim(self) -> OptimSettings:
+        return OptimSettings(self.optimizer, self.lr, self.momentum, self.weight_decay, self.lr_scheduler,
+                             self.lr_step_size, self.lr_gamma, self.lr_t_max, self.lr_eta_min)
 
 
 @dataclass
@@ -39,8 +53,8 @@ class EvalResult:
         return self.correct / self.count if self.count else 0.0
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return optim.make_optimizer(params, cfg.optim())
 
 
 def train_epochs(
@@ -54,13 +68,16 @@ def train_epochs(
     batch_hook: BatchHook | None = None,
     hook_every: int = 1,
     loss_term: LossTerm | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> int:
     """Train for ``epochs`` over (x, y) in shuffled batches; returns the number of optimizer steps."""
     model.train()
     n = x.shape[0]
     steps = 0
     criterion = nn.functional.cross_entropy
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)  # the learning-rate schedule
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]

@@ -39,7 +39,7 @@ def test_partition_writes_npz_png_and_summary(run, tmp_path: Path) -> None:
     result = run("partition", "-d", "digits", "-a", "0.5", "-cn", "10", "-ls", "30", "--seed", "3")
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "partitions" / "digits-dir0.5-s3.npz"
-    png = out.with_suffix(".png")
+    png = out.with_name(out.name + ".png")  # p.npz -> p.npz.png, as the README says
     assert out.is_file() and png.read_bytes().startswith(PNG_MAGIC)
     assert "dirichlet" in result.stdout and "digits" in result.stdout
     # Same as the library call with the same arguments.
@@ -65,7 +65,7 @@ def test_seed_flag_spellings(run, tmp_path: Path, flags: list[str]) -> None:
     part = Partition.load(out)
     assert part.num_clients == 6 and part.meta["args"]["least_samples"] == 20
     assert part.meta["args"]["fraction"] == 0.6
-    assert not out.with_suffix(".png").exists()
+    assert not out.with_name(out.name + ".png").exists()
 
 
 def test_other_schemes_and_synthetic(run, tmp_path: Path) -> None:
@@ -100,7 +100,8 @@ def test_existing_output_needs_force(run, tmp_path: Path) -> None:
         (["-d", "cifar11", "-a", "0.1"], "unknown dataset 'cifar11'"),
         (["-d", "digits", "-a", "-1"], "alpha must be >= 0"),
         (["-d", "digits", "-a", "0.1", "-f", "1.5"], "fraction must be strictly between 0 and 1"),
-        (["-d", "digits"], "choose a partition scheme"),
+        (["-d", "digits", "-a", "0.3", "--iid"], "-a/--alpha 0.3 (Dirichlet) and --iid are two partition schemes"),
+        (["-d", "digits", "-c", "2", "-s", "3"], "--classes and --shards are two partition schemes"),
         (["-d", "digits", "-c", "11"], "classes must be between 0 and 10"),
         (["-d", "mnist5k", "-a", "0.1", "-cn", "50", "-ls", "40", "--max_redraws", "30"], "--least_samples"),
         (["-d", "cifar10", "-a", "0.1"], "pass --root DIR"),

@@ -1,7 +1,8 @@
 """An interrupted `fedcmd simulate` leaves no run folder or a complete one, never a half-written one
 (README: results go to a hidden folder renamed into place at the end). Real processes, real signals:
-SIGTERM and SIGKILL after round 2 of 200, and SIGKILL the moment the first file of the run folder is being
-written (seen with inotify). A later run to the same --out first clears what a killed one left behind."""
+SIGTERM (handled: nothing is left, exit 143) and SIGKILL after round 2 of 200, and SIGKILL the moment the
+first file of the run folder is being written (seen with inotify). A later run to the same --out first
+clears what a killed one left behind."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from fswatch import IN_CREATE, IN_DELETE, FolderWatch
 
 FEDCMD = Path(sys.executable).parent / "fedcmd"
 RUN_FILES = ["accuracy.png", "config.json", "metrics.csv", "run.log", "summary.json"]
-ROUND_ROW = re.compile(r"^\s*(\d+) │ train │")
+ROUND_ROW = re.compile(r"^\s*(\d+) │ +train │")
 
 
 def _start(partition: Path, out: Path, rounds: int) -> subprocess.Popen[str]:
@@ -86,12 +87,17 @@ def test_a_killed_simulate_leaves_no_run_folder_or_a_complete_one(tmp_path: Path
         try:
             _wait_for_round(proc, 2, 180)
             proc.send_signal(sig)
-            assert proc.wait(30) == -sig
+            # SIGTERM is handled: the staging folder is removed on the way out, exit 143 (128 + 15)
+            assert proc.wait(30) == (143 if sig == signal.SIGTERM else -sig)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert not out.exists(), sig  # no run folder: nothing was renamed into place
-        # what is on disk is only the hidden staging folder, without any result in it yet
+        if sig == signal.SIGTERM:
+            assert list(tmp_path.iterdir()) == []  # nothing at all, hidden or empty
+            assert "terminated (SIGTERM)" in (proc.stdout.read() if proc.stdout else "")
+            continue
+        # SIGKILL cannot be handled: only the hidden staging folder is left, without any result in it yet
         assert [p.name for p in tmp_path.iterdir()] == [partial.name]
         assert sorted(p.name for p in partial.iterdir()) == []
 

@@ -59,10 +59,10 @@ def run_partition_bench(clients: int = 50, alpha: float = 0.1, least: int = 40, 
 
 
 def partition(
-    clients: int = typer.Option(50, "--clients", min=2),
-    alpha: float = typer.Option(0.1, "--alpha", min=1e-6),
+    clients: int = typer.Option(50, "--clients", min=2, help="clients to split mnist5k among"),
+    alpha: float = typer.Option(0.1, "--alpha", min=1e-6, help="Dirichlet alpha"),
     least: int = typer.Option(40, "--least-samples", min=1, help="per-client minimum that cannot be met"),
-    redraws: int = typer.Option(300, "--max-redraws", min=1),
+    redraws: int = typer.Option(300, "--max-redraws", min=1, help="draws before giving up"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Dirichlet partitioning: time to give up on an impossible least_samples, and to succeed on the hint."""

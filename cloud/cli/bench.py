@@ -8,12 +8,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-bench_app = typer.Typer(
-    help="Micro-benchmarks: native kernels vs the NumPy fallback and the baselines named in the issues.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from cloud.cli.apps import new_app
+
+bench_app = new_app("Benchmarks: native kernels vs their baselines, an MQTT fleet, hostile clients, partitioning.")
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
 

@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloud.cli.apps import new_app
 from cloud.cli.errors import fail
+from cloud.config import RunConfig
 from fedcmd_core.data import (
     DATASET_INFO,
     DATASET_NAMES,
@@ -24,12 +26,8 @@ from fedcmd_core.data import (
     plot_label_distribution,
 )
 
-data_app = typer.Typer(
-    help="Partition datasets among clients and inspect partitions.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+data_app = new_app("Partition datasets among clients and inspect partitions.")
+_SIM = RunConfig.model_fields  # partition's defaults are simulate's: the same split either way
 # Resolved at print time, so test runners that swap sys.stdout/sys.stderr see the output.
 _out = Console(highlight=False)
 _NAMES = ", ".join(DATASET_NAMES)
@@ -41,7 +39,8 @@ _HELP = {
     "fraction": "Train share of each client (split=sample) or share of training clients (split=user).",
     "classes": "Labels per client (scheme 'classes'); for synthetic: its number of classes, as the seed.",
     "shards": "Sorted-label shards per client (FedAvg's pathological split).",
-    "alpha": "Dirichlet label skew; smaller is more skewed, e.g. 0.1.",
+    "alpha": "Dirichlet label skew, the scheme when no other is given (smaller: more skewed; not with --iid, -c, "
+    "-s, --semantic; femnist, celeba and domainnet split naturally unless -a is given).",
     "least": "Dirichlet: redraw until every client holds at least this many samples.",
     "redraws": "Dirichlet: give up, with a hint of what works, after this many draws.",
     "emnist": "EMNIST split: byclass (62 classes), bymerge, balanced, letters, digits, mnist.",
@@ -62,6 +61,22 @@ _HELP = {
 
 def _fail(message: str) -> NoReturn:
     fail(" ".join(message.split()))  # one line, whatever the wrapped exception text looked like
+
+
+def _one_scheme(ctx: typer.Context, name: str, alpha: float, **schemes: Any) -> float:
+    """The Dirichlet alpha to use: the shared default (simulate's) unless another scheme is given, or the
+    dataset has a natural split; -a beside another scheme is a conflict, never a silent choice."""
+    typed = ctx.get_parameter_source("alpha").name not in ("DEFAULT", "DEFAULT_MAP")
+    if name == "synthetic":  # --iid and -c shape the synthetic data themselves; they are not schemes there
+        schemes = {k: v for k, v in schemes.items() if k not in ("iid", "classes")}
+    others = [f"--{k}" for k, v in schemes.items() if v]
+    if typed and alpha > 0 and others:
+        _fail(f"-a/--alpha {alpha:g} (Dirichlet) and {others[0]} are two partition schemes; give one")
+    if len(others) > 1:
+        _fail(f"{others[0]} and {others[1]} are two partition schemes; give one")
+    if others or (not typed and name in NATURAL_DATASETS):
+        return 0.0
+    return alpha
 
 
 def _default_out(dataset: str, args: PartitionArgs, natural: bool) -> Path:
@@ -99,22 +114,25 @@ def _summary(part: Partition, out: Path, png: Path | None) -> Table:
 
 @data_app.command()
 def partition(
-    dataset: str = typer.Option("mnist5k", "--dataset", "-d", help=_HELP["dataset"]),
-    iid: bool = typer.Option(False, "--iid", help=_HELP["iid"]),
-    client_num: int = typer.Option(20, "--client_num", "--client-num", "-cn", help="Number of clients."),
-    seed: int = typer.Option(42, "--seed", help=_HELP["seed"]),
+    ctx: typer.Context,
+    dataset: str = typer.Option(_SIM["dataset"].default, "--dataset", "-d", help=_HELP["dataset"]),
+    iid: bool = typer.Option(False, "--iid/--no-iid", help=_HELP["iid"]),
+    client_num: int = typer.Option(_SIM["client_num"].default, "--client_num", "--client-num", "-cn",
+                                   help="Number of clients."),
+    seed: int = typer.Option(_SIM["seed"].default, "--seed", help=_HELP["seed"]),
     split: str = typer.Option("sample", "--split", help=_HELP["split"]),
     fraction: float = typer.Option(0.5, "--fraction", "-f", help=_HELP["fraction"]),
     classes: int = typer.Option(0, "--classes", "-c", help=_HELP["classes"]),
     shards: int = typer.Option(0, "--shards", "-s", help=_HELP["shards"]),
-    alpha: float = typer.Option(0.0, "--alpha", "-a", help=_HELP["alpha"]),
-    least_samples: int = typer.Option(40, "--least_samples", "--least-samples", "-ls", help=_HELP["least"]),
+    alpha: float = typer.Option(_SIM["alpha"].default, "--alpha", "-a", help=_HELP["alpha"]),
+    least_samples: int = typer.Option(_SIM["least_samples"].default, "--least_samples", "--least-samples", "-ls",
+                                      help=_HELP["least"]),
     max_redraws: int = typer.Option(10000, "--max_redraws", "--max-redraws", help=_HELP["redraws"]),
     gamma: float = typer.Option(0.5, "--gamma", help="Synthetic: how much the clients' models differ."),
     beta: float = typer.Option(0.5, "--beta", help="Synthetic: how much the clients' inputs differ."),
     dimension: int = typer.Option(60, "--dimension", help="Synthetic: input dimension."),
     emnist_split: str = typer.Option("byclass", "--emnist_split", "--emnist-split", help=_HELP["emnist"]),
-    semantic: bool = typer.Option(False, "--semantic", "-sm", help=_HELP["semantic"]),
+    semantic: bool = typer.Option(False, "--semantic/--no-semantic", "-sm", help=_HELP["semantic"]),
     semantic_features: str = typer.Option("pca", "--semantic-features", "--semantic_features",
                                           help=_HELP["features"]),
     pca_components: int = typer.Option(32, "--pca_components", "--pca-components", help=_HELP["pca"]),
@@ -125,13 +143,14 @@ def partition(
     domain_classes: int = typer.Option(10, "--domain_classes", "--domain-classes", help=_HELP["domain_classes"]),
     domain_size: int = typer.Option(64, "--domain_size", "--domain-size", help=_HELP["domain_size"]),
     root: Path | None = typer.Option(None, "--root", help=_HELP["root"]),
-    download: bool = typer.Option(False, "--download", help=_HELP["download"]),
+    download: bool = typer.Option(False, "--download/--no-download", help=_HELP["download"]),
     out: Path | None = typer.Option(None, "--out", help=_HELP["out"]),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Also write the label plot beside it (.png)."),
 ) -> None:
     """Split a dataset among clients (the seed's generate_data.py) and save the partition as .npz."""
     name = dataset.strip().lower()
+    alpha = _one_scheme(ctx, name, alpha, iid=iid, classes=classes, shards=shards, semantic=semantic)
     options: dict[str, Any] = {}
     if name == "synthetic":
         # As the seed: the synthetic set is generated per client, so these shape the data itself.
@@ -161,7 +180,7 @@ def partition(
         part = make_partition(data, args)
     except DataError as e:
         _fail(str(e))
-    png = out.with_suffix(".png") if plot else None
+    png = out.with_name(out.name + ".png") if plot else None  # p.npz -> p.npz.png: plainly the plot of p.npz
     saved = False
     try:
         part.save(out)
@@ -200,7 +219,7 @@ def show(
         None, "--dataset", "-d", help=f"Dataset the indices refer to [default: the one recorded]: {_NAMES}."
     ),
     root: Path | None = typer.Option(None, "--root", help="Folder holding torchvision-format files."),
-    download: bool = typer.Option(False, "--download", help="Let torchvision download missing files."),
+    download: bool = typer.Option(False, "--download/--no-download", help="Let torchvision download missing files."),
     png: Path | None = typer.Option(None, "--png", help="Also write the label-distribution PNG here."),
 ) -> None:
     """Print the per-client table of a partition (ours or an external npz) and optionally its PNG."""

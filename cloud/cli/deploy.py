@@ -15,14 +15,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cloud.cli.apps import new_app
 from cloud.cli.errors import fail, print_error
 
-deploy_app = typer.Typer(
-    help="Deployment: TLS certificates, the mosquitto password file and ACL, systemd units for a fleet.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+deploy_app = new_app("Deployment: TLS certificates, the mosquitto password file and ACL, systemd units for a fleet.")
 # Resolved at print time, so test runners that swap sys.stdout/sys.stderr see the output.
 _out = Console(highlight=False, soft_wrap=True)
 

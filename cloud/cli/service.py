@@ -11,9 +11,10 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
+from cloud.cli.apps import new_app
 from cloud.cli.errors import fail, print_error
 
-cloud_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
+cloud_app = new_app("The coordinator service.")
 console = Console()
 
 
@@ -53,7 +54,7 @@ def serve(config: Path = typer.Option(..., "--config", help="cloud.toml: broker,
 @cloud_app.command()
 def status(
     broker: str = typer.Option(..., "--broker", help="mqtt://host:port or mqtts://host:port"),
-    fleet: str = typer.Option("default", "--fleet"),
+    fleet: str = typer.Option("default", "--fleet", help="fleet name (the topic prefix)"),
     timeout: float = typer.Option(10.0, "--timeout", help="seconds to wait for the broker and the retained status"),
     username: Optional[str] = typer.Option(None, "--username", help="MQTT username (the ACL's `observer`)"),
     password_file: Optional[Path] = typer.Option(None, "--password-file", help="file holding the MQTT password"),

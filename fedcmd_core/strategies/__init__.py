@@ -5,10 +5,11 @@ by every one of them."""
 
 from __future__ import annotations
 
-import difflib
 import logging
 from importlib.metadata import entry_points
 from typing import Any
+
+from pydantic import ValidationError
 
 from fedcmd_core.strategies import (
     fedap,
@@ -38,6 +39,7 @@ from fedcmd_core.strategies.base import (
     Task,
     Update,
 )
+from fedcmd_core.suggest import closest, unknown_key
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,8 @@ def record(name: str) -> Algorithm:
     known = algorithms()
     if key not in known:
         why = f" ({_plugin_errors[key]})" if key in _plugin_errors else ""
-        close = difflib.get_close_matches(key, [*known, *ALIASES], n=1)
-        hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+        close = closest(key, [*known, *ALIASES])
+        hint = f"; did you mean {ALIASES.get(close, close)!r}?" if close else ""
         raise ValueError(f"unknown algorithm {name!r}{why}{hint} (known: {', '.join(known)})")
     return known[key]
 
@@ -122,6 +124,18 @@ def algorithm(name: str) -> tuple[type[ServerStrategy], type[ClientStrategy]]:
 
 def canonical_name(name: str) -> str:
     return record(name).name
+
+
+def describe_hp_error(name: str, e: ValidationError) -> str:
+    """One line for a bad hyper-parameter: the key, what is wrong and the value; an unknown key gets the
+    closest valid key and the full list."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    algo = canonical_name(name)
+    if err["type"] == "extra_forbidden":
+        return f"bad hyper-parameter for {algo}: " + unknown_key(where, record(algo).params.model_fields, "key")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"bad hyper-parameter for {algo}: {where}: {msg} (got {err.get('input')!r})"
 
 
 def parse_params(name: str, values: dict[str, Any]) -> HyperParams:
@@ -145,6 +159,7 @@ __all__ = [
     "algorithm",
     "algorithms",
     "canonical_name",
+    "describe_hp_error",
     "parse_params",
     "plugins",
     "record",

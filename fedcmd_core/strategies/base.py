@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedcmd_core import robust
+from fedcmd_core import optim, robust
 from fedcmd_core.models import is_bn_statistic, layer_of
 from fedcmd_core.params import Arrays, load_arrays, model_arrays
 from fedcmd_core.training import EvalResult, TrainConfig, evaluate, make_optimizer, train_epochs
@@ -346,6 +346,12 @@ class ClientStrategy:
             return
         optimizer = make_optimizer(params, self.ctx.train)
         self._load_momentum(optimizer, params)
+        settings = self.ctx.train.optim()
+        first_epoch = optim.scheduler_epoch(self.state)
+
+        def on_epoch(epoch: int) -> None:  # the schedule runs over the device's own local epochs
+            optim.set_lr(optimizer, optim.scheduled_lr(settings, first_epoch + epoch))
+
         train_epochs(
             self.ctx.model,
             self.ctx.data.x_train,
@@ -357,26 +363,25 @@ class ClientStrategy:
             batch_hook=hook,
             hook_every=int(task.config.get("hook_every", 1)),
             loss_term=self.loss_term(task),
+            on_epoch=on_epoch if settings.lr_scheduler != "none" else None,
         )
         self._save_momentum(optimizer, params)
+        if settings.lr_scheduler != "none":
+            optim.set_scheduler_epoch(self.state, first_epoch + epochs)
 
     def _load_momentum(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-        if self.ctx.train.momentum == 0:
+        if not optim.keeps_state(self.ctx.train.optim()):
             return
-        names = {id(p): n for n, p in self.ctx.model.named_parameters()}
-        for p in params:
-            buf = self.state.get(f"momentum::{names[id(p)]}")
-            if buf is not None:
-                optimizer.state[p]["momentum_buffer"] = torch.from_numpy(buf.copy())
+        optim.load_state(optimizer, self._named(params), self.state)
 
     def _save_momentum(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-        if self.ctx.train.momentum == 0:
+        if not optim.keeps_state(self.ctx.train.optim()):
             return
+        optim.save_state(optimizer, self._named(params), self.state)
+
+    def _named(self, params: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
         names = {id(p): n for n, p in self.ctx.model.named_parameters()}
-        for p in params:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                self.state[f"momentum::{names[id(p)]}"] = buf.detach().cpu().numpy().copy()
+        return [(names[id(p)], p) for p in params]
 
     def _evaluate(self, when: str) -> dict[str, float]:
         out: dict[str, float] = {}
