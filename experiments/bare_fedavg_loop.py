@@ -3,6 +3,11 @@ no transport, no framing), with the same model, data and local training as `fedc
 
     /usr/bin/time -v .venv/bin/python experiments/bare_fedavg_loop.py ../shared/data/mnist5k-d01-s42.npz
     /usr/bin/time -v .venv/bin/fedcmd simulate --algo fedavg -d mnist5k --partition ... -jr 0.2 -ge 60 -tg 0
+
+It samples clients and seeds each client's shuffling exactly as the coordinator and ClientStrategy do
+(``default_rng(seed).choice`` over the clients; one torch stream per (seed, round, client)), so its
+accuracy is comparable with ours too. ``fedcmd bench simulate`` times it against ours, whole process.
+Arguments: PARTITION [ROUNDS] [JOIN_RATIO] [SEED].
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def main(path: str, rounds: int = 60, join_ratio: float = 0.2, seed: int = 42) -
     n = part.num_clients
     accs = []
     for rnd in range(rounds):
-        picked = rng.choice(n, max(1, int(n * join_ratio)), replace=False)
+        picked = rng.choice(n, max(1, int(n * join_ratio)), replace=False).tolist()  # Coordinator.sample
         states, sizes, correct, count = [], [], 0, 0
         for c in picked:
             tr, te = torch.from_numpy(part.train[c]), torch.from_numpy(part.test[c])
@@ -40,7 +45,9 @@ def main(path: str, rounds: int = 60, join_ratio: float = 0.2, seed: int = 42) -
                 count += len(yt)
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            g = torch.Generator().manual_seed(seed * 1000 + rnd * 100 + int(c))
+            stream = (seed * 1_000_003 + rnd * 10_007 + int(c)) % (2**63)  # ClientStrategy._generator
+            torch.manual_seed(stream)
+            g = torch.Generator().manual_seed(stream)
             for _ in range(5):
                 order = torch.randperm(len(x), generator=g)
                 for b in range(0, len(x), 32):
@@ -63,4 +70,5 @@ def main(path: str, rounds: int = 60, join_ratio: float = 0.2, seed: int = 42) -
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    a = sys.argv[1:]
+    main(a[0], int(a[1]) if len(a) > 1 else 60, float(a[2]) if len(a) > 2 else 0.2, int(a[3]) if len(a) > 3 else 42)

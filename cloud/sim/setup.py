@@ -81,11 +81,12 @@ def load_data(cfg: RunConfig) -> tuple[Dataset, Partition]:
 
 
 def _device(cfg: RunConfig) -> torch.device:
-    if cfg.use_cuda and torch.cuda.is_available():
-        return torch.device("cuda")
-    if cfg.use_cuda:
-        log.warning("use_cuda is set but no CUDA device is available: running on the CPU")
-    return torch.device("cpu")
+    if not cfg.use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():  # asked for, not there: say so rather than quietly train on the CPU
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"--use_cuda 1: {why} (torch.cuda.is_available() is false); drop --use_cuda to run on the CPU")
+    return torch.device("cuda")
 
 
 def _initial_model(cfg: RunConfig, dataset: Dataset) -> torch.nn.Module:
