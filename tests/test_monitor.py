@@ -278,3 +278,17 @@ def test_tensorboard_gets_every_rounds_scalars(watched_run: dict[str, Any], tmp_
         {r.round + 1: r.metrics["test_before_acc"] for r in records}, abs=1e-4)
     assert scalars["bytes/up"] == {r.round + 1: float(r.bytes_up) for r in records}
     assert max(scalars["rejected/non_finite"].values()) == watched_run["result"].rejected["non_finite"]
+
+
+def test_a_long_service_keeps_snapshots_bounded() -> None:
+    from cloud.monitor.state import MAX_ROUNDS_SHOWN
+    from cloud.service.coordinator import RoundRecord
+
+    state = DashboardState("long")
+    n = MAX_ROUNDS_SHOWN + 500
+    for i in range(n):
+        record = RoundRecord(i, "personal", [0], {"test_before_acc": float(i % 100)}, 1, 1, 0.1, {}, [0])
+        state(ev.RoundClosed(record, {}, {}, time.time()))
+    run = state.snapshot()["runs"][0]
+    assert run["rounds_total"] == n and len(run["rounds"]) == MAX_ROUNDS_SHOWN
+    assert run["rounds"][-1]["round"] == n and run["rounds"][0]["round"] == n - MAX_ROUNDS_SHOWN + 1

@@ -67,6 +67,7 @@ SUBAPP_COMMANDS = (
     ("cloud.cli.bench", "bench_app", "fleet", "cloud.bench.fleet", "fleet"),
     ("cloud.cli.bench", "bench_app", "partition", "cloud.bench.partition", "partition"),
     ("cloud.cli.bench", "bench_app", "hostile", "cloud.bench.hostile", "hostile"),
+    ("cloud.cli.bench", "bench_app", "monitor", "cloud.bench.monitor", "monitor"),
     ("cloud.cli.bench", "bench_app", "simulate", "cloud.bench.simulate", "simulate"),
     ("cloud.cli.bench", "bench_app", "monitor", "cloud.bench.monitor", "monitor"),
     ("cloud.cli.bench", "bench_app", "simulate", "cloud.bench.simulate", "simulate"),

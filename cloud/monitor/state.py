@@ -19,6 +19,7 @@ from cloud.monitor import events as ev
 PAPER_WINDOW = 10  # rounds the paper metric averages (the window the page marks)
 MAX_DEVICES_SHOWN = 500  # rows of the device table a snapshot carries (counts by state cover all)
 MAX_ROUNDS_KEPT = 100_000  # a bound on memory for very long services
+MAX_ROUNDS_SHOWN = 2_000  # rounds per run a snapshot carries (the newest): a snapshot stays ~0.5 MB at most
 ROUND_FIELDS = ("test_before_acc", "test_after_acc", "test_before_loss", "test_after_loss", "all_test_before_acc")
 MAX_RUN_FOLDER_BYTES = 64 * 2**20  # metrics.csv / summary.json larger than this are not read
 
@@ -154,7 +155,8 @@ class DashboardState:
                 "now": time.time(),
                 "run": dict(self.run),
                 "paper_window": PAPER_WINDOW,
-                "runs": [{"name": r.name, "rounds": list(r.rounds), "summary": r.summary} for r in self.runs],
+                "runs": [{"name": r.name, "rounds": r.rounds[-MAX_ROUNDS_SHOWN:], "rounds_total": len(r.rounds),
+                          "summary": r.summary} for r in self.runs],
                 "current": dict(self.current) if self.current else None,
                 "rejected": dict(self.rejected),
                 "fleet_view": self.fleet_view,
