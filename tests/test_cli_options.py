@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from cloud.cli.apps import normalise_booleans
 from cloud.cli.main import app
-from cloud.cli.tables import ROUND_COLUMNS, adaptive_table
+from cloud.cli.tables import ROUND_COLUMNS
 from cloud.config import ConfigError, resolve
+from cloud.term_tables import AdaptiveTable
 
 runner = CliRunner()
 SIMULATE = typer.main.get_command(app).commands["simulate"]
@@ -128,12 +129,25 @@ def test_a_failed_run_leaves_no_empty_folders(tmp_path: Path) -> None:
 
 
 def test_wide_tables_fit_the_terminal() -> None:
-    rows = [["12", "personal", "97.25", "98.00", "0.0712", "426", "428", "0.74"]]
+    """The round table and bench fleet's table: whole values at any width (full names, short names and a
+    legend, or one block per row), never a cut `fed…` column."""
     from rich.console import Console
 
-    for width, expect in ((120, "acc before"), (60, "acc0"), (30, "acc0:")):
-        console = Console(width=width, record=True)
-        console.print(adaptive_table(ROUND_COLUMNS, rows, width))
-        text = console.export_text()
-        assert expect in text and "…" not in text, (width, text)
-        assert max(len(line) for line in text.splitlines()) <= width
+    from cloud.bench.fleet import add_ratios, render
+
+    rounds = AdaptiveTable(ROUND_COLUMNS, [["12", "personal", "97.25", "98.00", "0.0712", "426", "428", "0.74"]],
+                           edge=False)
+    row = {"algo": "fedcmd_noweight", "codec": "none", "round_s": 3.0, "train_s": 2.0, "aggregate_s": 0.01,
+           "transfer_s": 0.2, "bytes_down": 4.0e5, "bytes_up": 4.0e5, "messages": 40.0, "coordinator_rss_mb": 300.0,
+           "worker_rss_mb": 500.0, "agents_per_worker": 50.0}
+    fleet_rows = [dict(row), {**row, "algo": "fedavg"}]
+    add_ratios(fleet_rows)
+    fleet = render(fleet_rows, 100, 10, 3)
+    for table, cases in ((rounds, ((120, "acc before", "full"), (60, "acc0", "short"), (30, "acc0:", "rows"))),
+                         (fleet, ((250, "coordinator RSS MB", "full"), (80, "fedcmd_noweight", "rows")))):
+        for width, expect, layout in cases:
+            console = Console(width=width, record=True)
+            console.print(table)
+            text = console.export_text()
+            assert table.layout(width) == layout and expect in text and "…" not in text, (width, text)
+            assert max(len(line) for line in text.splitlines()) <= width

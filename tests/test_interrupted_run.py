@@ -1,8 +1,8 @@
 """An interrupted `fedcmd simulate` leaves no run folder or a complete one, never a half-written one
 (README: results go to a hidden folder renamed into place at the end). Real processes, real signals:
-SIGTERM (handled: nothing is left, exit 143) and SIGKILL after round 2 of 200, and SIGKILL the moment the
-first file of the run folder is being written (seen with inotify). A later run to the same --out first
-clears what a killed one left behind."""
+Ctrl-C and SIGTERM (handled: nothing is left, exit 130 / 143) and SIGKILL after round 2 of 200, and
+SIGKILL the moment the first file of the run folder is being written (seen with inotify). A later run to
+the same --out first clears what a killed one left behind."""
 
 from __future__ import annotations
 
@@ -82,20 +82,21 @@ def _is_complete(out: Path, rounds: int) -> None:
 def test_a_killed_simulate_leaves_no_run_folder_or_a_complete_one(tmp_path: Path, shared_partition: Path) -> None:
     out = tmp_path / "run"
     partial = tmp_path / ".run.partial"
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # mid-training: round 2 of 200 reported
+    handled = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated (SIGTERM)")}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):  # mid-training: round 2 of 200 reported
         proc = _start(shared_partition, out, 200)
         try:
             _wait_for_round(proc, 2, 180)
             proc.send_signal(sig)
-            # SIGTERM is handled: the staging folder is removed on the way out, exit 143 (128 + 15)
-            assert proc.wait(30) == (143 if sig == signal.SIGTERM else -sig)
+            # Ctrl-C and SIGTERM are handled: the staging folder is removed on the way out, exit 128 + signal
+            assert proc.wait(30) == (handled[sig][0] if sig in handled else -sig)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert not out.exists(), sig  # no run folder: nothing was renamed into place
-        if sig == signal.SIGTERM:
+        if sig in handled:
             assert list(tmp_path.iterdir()) == []  # nothing at all, hidden or empty
-            assert "terminated (SIGTERM)" in (proc.stdout.read() if proc.stdout else "")
+            assert handled[sig][1] in (proc.stdout.read() if proc.stdout else "")
             continue
         # SIGKILL cannot be handled: only the hidden staging folder is left, without any result in it yet
         assert [p.name for p in tmp_path.iterdir()] == [partial.name]

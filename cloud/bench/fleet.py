@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from cloud.term_tables import AdaptiveTable, Column
 
 console = Console()
 progress = Console(stderr=True)  # the "measuring ..." lines: --json output stays clean
@@ -196,51 +197,49 @@ def fleet(
         console.print(render_scaling(scale_rows, per_round, rounds))
 
 
-def render_scaling(rows: list[dict[str, Any]], per_round: int, rounds: int) -> Table:
+SCALING_COLUMNS = (
+    Column("agents"), Column("workers"), Column("online s", "online"), Column("round s", "round"),
+    Column("train s", "train"), Column("aggregate s", "agg", "aggregate s"),
+    Column("idle MB / agent", "idle MB", "idle MB / agent"), Column("worker base MB", "base MB", "worker base MB"),
+    Column("worker peak MB", "peak MB", "worker peak MB"),
+    Column("coordinator RSS MB", "coord MB", "coordinator RSS MB"),
+)
+
+
+def render_scaling(rows: list[dict[str, Any]], per_round: int, rounds: int) -> AdaptiveTable:
     """FedCMD fp32 at each fleet size: start-up, round wall, memory per idle agent, coordinator RSS."""
-    table = Table(
+    cells = [
+        [
+            f"{r['agents']}", f"{r['agents'] / r['agents_per_worker']:.0f}", f"{r['online_s']:.1f}",
+            f"{r['round_s']:.2f}", f"{r['train_s']:.2f}", f"{r['aggregate_s']:.3f}", f"{r['idle_mb_per_agent']:.3f}",
+            f"{r['worker_base_rss_mb']:.0f}", f"{r['worker_rss_mb']:.0f}",
+            f"{r['coordinator_rounds_rss_mb']:.0f} / {r['coordinator_rss_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    return AdaptiveTable(
+        SCALING_COLUMNS, cells,
         title=f"FedCMD fp32, {per_round} agents per round: scaling with the fleet (rounds 2..{rounds})",
         caption="online s: from start until every agent is connected and started; idle MB / agent: a worker's "
         "RSS growth from connecting its agents, per agent; coordinator RSS: peak during the rounds / "
         "whole run (with the final evaluation of every agent)",
     )
-    for c in ("agents", "workers", "online s", "round s", "train s", "aggregate s", "idle MB / agent",
-              "worker base MB", "worker peak MB", "coordinator RSS MB"):
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(
-            f"{r['agents']}", f"{r['agents'] / r['agents_per_worker']:.0f}", f"{r['online_s']:.1f}",
-            f"{r['round_s']:.2f}", f"{r['train_s']:.2f}", f"{r['aggregate_s']:.3f}", f"{r['idle_mb_per_agent']:.3f}",
-            f"{r['worker_base_rss_mb']:.0f}", f"{r['worker_rss_mb']:.0f}",
-            f"{r['coordinator_rounds_rss_mb']:.0f} / {r['coordinator_rss_mb']:.0f}",
-        )
-    return table
 
 
-def render(rows: list[dict[str, Any]], agents: int, per_round: int, rounds: int) -> Table:
+# (name, short name, legend): the table fits the terminal (short names and a legend, or one block per row)
+FLEET_COLUMNS = (
+    Column("algo", left=True), Column("updates", "upd"), Column("round s", "round"), Column("train s", "train"),
+    Column("aggregate s", "agg", "aggregate s"), Column("transfer s", "xfer", "transfer s"),
+    Column("KiB down", "down"), Column("KiB up", "up"), Column("messages", "msgs"),
+    Column("coordinator RSS MB", "coord MB", "coordinator RSS MB"), Column("worker RSS MB", "worker MB"),
+    Column("agents / worker", "per worker", "agents / worker"),
+)
+
+
+def render(rows: list[dict[str, Any]], agents: int, per_round: int, rounds: int) -> AdaptiveTable:
     """The table ``fedcmd bench fleet`` prints (rows with :func:`add_ratios` applied)."""
-    table = Table(
-        title=f"fleet of {agents} MQTT agents, {per_round} per round (means over rounds 2..{rounds})",
-        caption="(N.NNx): this row / the FedAvg fp32 row; RSS: peak of this row's own processes",
-    )
-    cols = (
-        "algo",
-        "updates",
-        "round s",
-        "train s",
-        "aggregate s",
-        "transfer s",
-        "KiB down",
-        "KiB up",
-        "messages",
-        "coordinator RSS MB",
-        "worker RSS MB",
-        "agents / worker",
-    )
-    for c in cols:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(
+    cells = [
+        [
             r["algo"],
             "fp32" if r["codec"] == "none" else r["codec"],
             _with_ratio(r, "round_s", f"{r['round_s']:.2f}"),
@@ -253,5 +252,11 @@ def render(rows: list[dict[str, Any]], agents: int, per_round: int, rounds: int)
             _with_ratio(r, "coordinator_rss_mb", f"{r['coordinator_rss_mb']:.1f}"),
             _with_ratio(r, "worker_rss_mb", f"{r['worker_rss_mb']:.1f}"),
             f"{r['agents_per_worker']:.0f}",
-        )
-    return table
+        ]
+        for r in rows
+    ]
+    return AdaptiveTable(
+        FLEET_COLUMNS, cells,
+        title=f"fleet of {agents} MQTT agents, {per_round} per round (means over rounds 2..{rounds})",
+        caption="(N.NNx): this row / the FedAvg fp32 row; RSS: peak of this row's own processes",
+    )

@@ -69,8 +69,6 @@ SUBAPP_COMMANDS = (
     ("cloud.cli.bench", "bench_app", "hostile", "cloud.bench.hostile", "hostile"),
     ("cloud.cli.bench", "bench_app", "monitor", "cloud.bench.monitor", "monitor"),
     ("cloud.cli.bench", "bench_app", "simulate", "cloud.bench.simulate", "simulate"),
-    ("cloud.cli.bench", "bench_app", "monitor", "cloud.bench.monitor", "monitor"),
-    ("cloud.cli.bench", "bench_app", "simulate", "cloud.bench.simulate", "simulate"),
 )
 # (name, module, function) on the main app
 COMMANDS = (
@@ -313,7 +311,7 @@ def simulate(
         )
         state["rows"].append(record)
         if not quiet and len(state["rows"]) - state["printed"] >= cfg.verbose_gap:
-            progress.console.print(round_table(state["rows"][state["printed"]:], progress.console))
+            progress.console.print(round_table(state["rows"][state["printed"]:]))
             state["printed"] = len(state["rows"])
 
     created = _missing_ancestors(target)
@@ -351,7 +349,7 @@ def simulate(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         raise
     if not quiet and state["printed"] < len(state["rows"]):  # the last, partial block of rounds
-        console.print(round_table(state["rows"][state["printed"]:], console))
+        console.print(round_table(state["rows"][state["printed"]:]))
     watchers.stop()
     summ = run_output.summary(result)
     console.print(summary_table(summ, target))

@@ -1,5 +1,4 @@
-"""The tables ``fedcmd simulate`` prints, sized to the terminal: a round table too wide for it is printed
-with short column names and a legend (and, narrower still, one round per line)."""
+"""The tables ``fedcmd simulate`` prints; the round table fits the terminal (cloud/term_tables.py)."""
 
 from __future__ import annotations
 
@@ -7,20 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console, RenderableType
 from rich.table import Table
-from rich.text import Text
 
-# (full name, short name, legend)
+from cloud.term_tables import AdaptiveTable, Column
+
 ROUND_COLUMNS = (
-    ("round", "r", "round"),
-    ("phase", "ph", "phase"),
-    ("acc before", "acc0", "accuracy (%) of the round's clients before local training"),
-    ("acc after", "acc1", "accuracy (%) after local training"),
-    ("loss", "loss0", "test loss before local training"),
-    ("KiB down", "dn", "KiB sent to the devices"),
-    ("KiB up", "up", "KiB sent back"),
-    ("s", "s", "seconds of the round"),
+    Column("round", "r"),
+    Column("phase", "ph"),
+    Column("acc before", "acc0", "accuracy (%) of the round's clients before local training"),
+    Column("acc after", "acc1", "accuracy (%) after local training"),
+    Column("loss", "loss0", "test loss before local training"),
+    Column("KiB down", "dn", "KiB sent to the devices"),
+    Column("KiB up", "up", "KiB sent back"),
+    Column("s", "s", "seconds of the round"),
 )
 
 
@@ -38,38 +36,8 @@ def _cells(r: Any) -> list[str]:
     ]
 
 
-def fits(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, gap: int = 3) -> bool:
-    """Whether a table of these cells fits ``width`` columns without cutting a cell (rich's padding + rule)."""
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
-    return sum(widths) + gap * (len(widths) - 1) <= width
-
-
-def adaptive_table(headers: Sequence[tuple[str, str, str]], rows: Sequence[Sequence[str]], width: int,
-                   title: str | None = None, left: int = 1) -> RenderableType:
-    """A table that fits ``width``: full headers, else short headers and a legend, else one block per row
-    (``name: value`` lines). The first ``left`` columns are left-aligned, the rest right-aligned."""
-    from rich.console import Group
-
-    for pick in (0, 1):
-        names = [h[pick] for h in headers]
-        if fits(names, rows, width):
-            table = Table(title=title, show_edge=False, pad_edge=False)
-            for i, name in enumerate(names):
-                table.add_column(name, justify="left" if i < left else "right", no_wrap=True)
-            for row in rows:
-                table.add_row(*row)
-            if pick == 0:
-                return table
-            legend = Text("; ".join(f"{h[1]} = {h[2]}" for h in headers if h[1] != h[2]), style="dim")
-            return Group(table, legend)
-    lines: list[RenderableType] = [Text(title, style="bold")] if title else []
-    for row in rows:
-        lines.append(Text(" | ".join(f"{h[1]}: {v}" for h, v in zip(headers, row)), overflow="fold"))
-    return Group(*lines)
-
-
-def round_table(records: Sequence[Any], console: Console) -> RenderableType:
-    return adaptive_table(ROUND_COLUMNS, [_cells(r) for r in records], console.width, left=0)
+def round_table(records: Sequence[Any]) -> AdaptiveTable:
+    return AdaptiveTable(ROUND_COLUMNS, [_cells(r) for r in records], edge=False)
 
 
 def summary_table(s: dict[str, Any], folder: Path) -> Table:
