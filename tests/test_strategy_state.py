@@ -75,12 +75,12 @@ def test_other_version_or_other_fields_are_refused_before_anything_is_loaded() -
     state = server.state_dict()
     fresh, _ = _server("fedcmd", selection_rounds=1)
     before = {k: v.copy() for k, v in fresh.global_arrays.items()}
-    with pytest.raises(StateVersionError, match="version 0, this fedcmd reads version 2"):
+    with pytest.raises(StateVersionError, match="version 0, this fedcmd reads version 3"):
         fresh.load_state_dict({**state, "version": 0})
     renamed = dict(state["fields"])
     renamed["stored_bodies"] = renamed.pop("bodies")
     with pytest.raises(StateVersionError, match=r"missing \['bodies'\], unexpected \['stored_bodies'\]"):
-        fresh.load_state_dict({"version": 2, "fields": renamed})
+        fresh.load_state_dict({"version": server.state_version, "fields": renamed})
     with pytest.raises(StateVersionError, match="version None"):
         fresh.load_state_dict({k: v for k, v in state["fields"].items()})  # the pre-version layout
     for k, v in before.items():  # nothing was loaded half-way

@@ -42,6 +42,7 @@ NORM_WINDOW = 100  # update norms the clipping median is taken over
 MAX_STATUS_PROFILES = 16
 MAX_SIMILARITY_SHOWN = 48  # devices of the similarity matrix an event carries (the dashboard's heat map)
 LOGGED_REJECTS = 5  # per (reason, device) before the log only counts
+EVALUATE_GROUP = 256  # devices evaluated at a time by evaluate_all: bounds the tasks held (10,000 bodies: GBs)
 
 
 def _client_topic(topic: str) -> tuple[str, int, str]:
@@ -146,9 +147,12 @@ class Coordinator:
         self.clipped = 0
         self.norm_history: dict[str, list[float]] = {}  # recent update norms per group: the clipping median
         self.online: set[int] = set()
+        self._population: list[int] | None = None  # population(), cached until `online` changes
+        self._population_key: tuple[int, int] = (0, -1)
+        self._status_profiles: tuple[list[int], dict[str, int]] | None = None  # for that population
         self.health: dict[int, tuple[str, str]] = {}  # device -> (unhealthy | incompatible, its reason)
         self.offline_since: dict[int, float] = {}  # device -> when its offline presence (or will) arrived
-        self._last_population: set[int] = set()
+        self._last_population: Sequence[int] = ()
         self._sampled_at_reconnects = transport.reconnects
         self._sent_at_reconnects = transport.reconnects
         self.profiles: dict[int, str] = {}  # device profile each device reported in its presence
@@ -170,9 +174,16 @@ class Coordinator:
         return set(rng.choice(self.s.num_clients, n, replace=False).tolist()) if n else set()
 
     def population(self) -> list[int]:
-        if self.s.track_presence:
-            return sorted(c for c in self.online if 0 <= c < self.s.num_clients)
-        return list(range(self.s.num_clients))
+        """The devices that can be sampled, sorted: rebuilt only after a presence changed who is online, so a
+        round costs O(sampled), not O(fleet), while the fleet is steady (callers must not modify it)."""
+        key = (id(self.online), len(self.online))  # also catches `online` replaced or changed from outside
+        if self._population is None or self._population_key != key:
+            self._population_key = key
+            if self.s.track_presence:
+                self._population = sorted(c for c in self.online if 0 <= c < self.s.num_clients)
+            else:
+                self._population = list(range(self.s.num_clients))
+        return self._population
 
     def sample(self) -> list[int]:
         pop = self.population()
@@ -241,11 +252,13 @@ class Coordinator:
             back = cid not in self.online
             if back:
                 log.info("device %d online (profile %s)", cid, presence.get("profile", "not given"))
-            self.online.add(cid)
+                self.online.add(cid)
+                self._population = None
             self.health.pop(cid, None)
             self.offline_since.pop(cid, None)
-            if "profile" in presence:
+            if "profile" in presence and self.profiles.get(cid) != presence["profile"]:
                 self.profiles[cid] = presence["profile"]
+                self._status_profiles = None
             # A device announces itself on every (re)connect, after it re-subscribed: if it owes the open round
             # an answer and was offline, or the broker went away since its task was sent, the task may be lost,
             # so it goes again (a repeat is answered from the device's cache, never trained twice).
@@ -256,7 +269,8 @@ class Coordinator:
             return
         if cid in self.online:
             self.offline_since[cid] = time.monotonic()
-        self.online.discard(cid)
+            self.online.discard(cid)
+            self._population = None
         if state in ("unhealthy", "incompatible"):
             reason = presence.get("reason", "no reason given")
             if self.health.get(cid) != (state, reason):
@@ -321,7 +335,12 @@ class Coordinator:
         self.current_round, self.inbox, self.asked, self._frames, self.failed = rnd, {}, {}, {}, set()
         down = 0
         answered: list[int] = []
-        groups = [[c] for c in cids] if sequential else [list(cids)]
+        if sequential:
+            groups = [[c] for c in cids]
+        elif kind == "evaluate":  # every device of a fleet: in groups, so only a group's tasks are held at once
+            groups = [list(cids[i : i + EVALUATE_GROUP]) for i in range(0, len(cids), EVALUATE_GROUP)]
+        else:
+            groups = [list(cids)]
         for group in groups:
             seen = self.transport.reconnects  # before sending: a reconnect while sending counts too
             self._sent_at_reconnects = seen
@@ -348,6 +367,10 @@ class Coordinator:
                         self._reject("strategy_error", f"round {rnd + 1}: {type(e).__name__}: {e}", cid)
                         continue
                 answered.append(cid)
+            if kind == "evaluate":  # done with this group: its tasks (a body each) need not be kept
+                for cid in group:
+                    self.asked.pop(cid, None)
+                    self._frames.pop(cid, None)
         self.asked = {}  # late answers are rejected from now on
         return answered, down
 
@@ -440,16 +463,18 @@ class Coordinator:
         """After a broker outage, give the devices that were online before it time to announce themselves."""
         if not self.s.track_presence or self.transport.reconnects == self._sampled_at_reconnects:
             return
-        missing = self._last_population - self.online
+        before = set(self._last_population)
+        missing = before - self.online
         if missing:
             log.info("the broker was away: waiting up to %.0f s for %d devices to come back", self.s.rejoin_wait,
                      len(missing))
-            self.transport.run_until(lambda: self._last_population <= self.online, self.s.rejoin_wait)
+            self.transport.run_until(lambda: before <= self.online, self.s.rejoin_wait)
 
     def run_round(self, rnd: int) -> RoundRecord:
         start = time.perf_counter()
         self._rejoin_after_outage()
-        self._last_population, self._sampled_at_reconnects = set(self.population()), self.transport.reconnects
+        # the cached list itself (never modified, only replaced): O(1) per round, made a set only after an outage
+        self._last_population, self._sampled_at_reconnects = self.population(), self.transport.reconnects
         cids = self.sample()
         if self.events:
             self.events.emit(ev.RoundStarted(rnd, self.strategy.phase(rnd), tuple(cids), self.s.deadline,
@@ -530,10 +555,14 @@ class Coordinator:
     def publish_status(self, state: str, record: RoundRecord | None = None) -> None:
         """The retained status: bounded by construction (profiles and reasons come from bounded schemas,
         distinct profiles are capped, reject reasons are this file's own names)."""
-        profiles = Counter(self.profiles[c] for c in self.online if c in self.profiles)
-        shown = dict(profiles.most_common(MAX_STATUS_PROFILES))
-        if len(profiles) > MAX_STATUS_PROFILES:
-            shown["other"] = sum(profiles.values()) - sum(shown.values())
+        population = self.population()  # recounted only when who is online (or a profile) changed
+        if self._status_profiles is None or self._status_profiles[0] is not population:
+            profiles = Counter(self.profiles[c] for c in self.online if c in self.profiles)
+            shown = dict(profiles.most_common(MAX_STATUS_PROFILES))
+            if len(profiles) > MAX_STATUS_PROFILES:
+                shown["other"] = sum(profiles.values()) - sum(shown.values())
+            self._status_profiles = (population, shown)
+        shown = dict(self._status_profiles[1])
         status = {
             "state": state,
             "fleet": self.fleet,

@@ -108,7 +108,8 @@ class VoteInfo(NoInfo):
 
 class FedCMDServer(ServerStrategy):
     Info = VoteInfo
-    state_version = 2  # version 1 kept the vote's four fields separately
+    # version 1 kept the vote's four fields separately; 2 kept sim as an n x n matrix over every client id
+    state_version = 3
     state_fields = (
         "vote",
         "body_keys",
@@ -119,6 +120,7 @@ class FedCMDServer(ServerStrategy):
         "deltas",
         "sizes",
         "sim",
+        "sim_clients",
         "relay_body",
         "velocity",
         "push",
@@ -142,7 +144,11 @@ class FedCMDServer(ServerStrategy):
         self.sent = BodyStore(half, ctx.spill_dir, "sent")  # the body each client last started from (server_lr)
         self.deltas: dict[int, dict[str, np.ndarray]] = {}  # personal-candidate updates per client
         self.sizes: dict[int, int] = {}
+        # s_ij among the clients holding a personal-layer update, rows and columns in sim_clients' order (None:
+        # sim is indexed by client id). Not n x n: 10,000 clients made that 800 MB, rebuilt every round.
         self.sim: np.ndarray | None = None
+        self.sim_clients: list[int] | None = None
+        self._sim_pos: tuple[list[int], dict[int, int]] | None = None  # sim_clients' positions (derived)
         self.relay_body: np.ndarray | None = None
         self.velocity: np.ndarray | None = None  # server_momentum: running sum of the rounds' mean body updates
         self.push: np.ndarray | None = None  # what momentum adds to every body mixed for the next round
@@ -262,12 +268,30 @@ class FedCMDServer(ServerStrategy):
     # ----------------------------------------------------------------------------------- weighting
     def _update_similarity(self) -> None:
         """s_ij among all clients holding a personal-layer update; NaN where never compared."""
-        n = self.ctx.num_clients
-        self.sim = np.full((n, n), np.nan)
         held = [c for c in sorted(self.deltas) if self._head(c) is not None]
+        self.sim_clients, self._sim_pos = held, None
+        self.sim = np.zeros((0, 0))
         if held:
             s = kernels.rowwise_mean_cosine_matrix(np.stack([self._head(c) for c in held]))
-            self.sim[np.ix_(held, held)] = np.maximum(0.0, s)
+            self.sim = np.maximum(0.0, s)
+
+    def _similarities(self, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+        """s_ij for rows x cols (client ids), NaN for pairs never compared: the entries of the n x n matrix
+        the similarity once was, without holding it."""
+        assert self.sim is not None
+        if self.sim_clients is None:
+            return self.sim[np.ix_(list(rows), list(cols))]
+        if self._sim_pos is None or self._sim_pos[0] is not self.sim_clients:  # restored or recomputed since
+            self._sim_pos = (self.sim_clients, {c: i for i, c in enumerate(self.sim_clients)})
+        pos = self._sim_pos[1]
+        out = np.full((len(rows), len(cols)), np.nan)
+        r_at = [(r, pos[c]) for r, c in enumerate(rows) if c in pos]
+        c_at = [(k, pos[c]) for k, c in enumerate(cols) if c in pos]
+        if r_at and c_at:
+            out[np.ix_([a for a, _ in r_at], [a for a, _ in c_at])] = self.sim[
+                np.ix_([b for _, b in r_at], [b for _, b in c_at])
+            ]
+        return out
 
     def _head(self, cid: int) -> np.ndarray | None:
         """dW_i as rows [out, in (+1 for the bias)]."""
@@ -297,7 +321,7 @@ class FedCMDServer(ServerStrategy):
         if self.sim is None:
             self._update_similarity()
         assert self.sim is not None
-        s = self.sim[np.ix_(list(cids), held)]
+        s = self._similarities(cids, held)
         s = np.where(np.isnan(s), p.unknown_similarity, s)
         phi = np.exp(s / p.tau)
         if p.size_weighting:
