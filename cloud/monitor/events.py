@@ -107,6 +107,10 @@ class EventBus:
     def __bool__(self) -> bool:
         return bool(self._sinks)
 
+    def wants_strategy_view(self) -> bool:
+        """Whether a subscriber shows the strategy's vote and similarity (``wants_strategy_view = True``)."""
+        return any(getattr(s, "wants_strategy_view", False) for s in self._sinks)
+
     def emit(self, event: Any) -> None:
         for sink in list(self._sinks):
             if id(sink) in self._critical:

@@ -74,6 +74,8 @@ class RunView:
 class DashboardState:
     """An event-stream subscriber. Thread-safe: the round loop writes, the web server reads snapshots."""
 
+    wants_strategy_view = True  # RoundClosed events carry the vote and similarity view for it
+
     def __init__(self, title: str = "fedcmd", fleet_view: bool = True) -> None:
         self._lock = threading.Lock()
         self.version = 0

@@ -536,17 +536,23 @@ class Coordinator:
     def strategy_view(self) -> dict[str, Any]:
         """What a viewer shows of the strategy after a round: the layer vote and (for similarity-weighted
         strategies) the similarity matrix among at most MAX_SIMILARITY_SHOWN of the devices it holds."""
-        if not self.events:
-            return {}
+        if not self.events.wants_strategy_view():
+            return {}  # nobody shows it: the run-folder writer alone costs nothing here
         summary = self.strategy.summary()
         view: dict[str, Any] = {k: summary[k] for k in ("chosen_layer", "vote_counts") if summary.get(k) is not None}
         sim = getattr(self.strategy, "sim", None)
-        if isinstance(sim, np.ndarray) and sim.ndim == 2 and sim.shape[0] == sim.shape[1]:
-            held = np.flatnonzero(~np.isnan(sim).all(axis=1))[:MAX_SIMILARITY_SHOWN]
-            if held.size:
-                block = sim[np.ix_(held, held)]
+        if isinstance(sim, np.ndarray) and sim.ndim == 2 and sim.shape[0] == sim.shape[1] and sim.size:
+            ids = getattr(self.strategy, "sim_clients", None)  # the rows' client ids; None: indexed by client id
+            if isinstance(ids, list) and len(ids) == sim.shape[0]:
+                pos = np.arange(min(len(ids), MAX_SIMILARITY_SHOWN))
+                clients = [int(ids[i]) for i in pos]
+            else:
+                pos = np.flatnonzero(~np.isnan(np.diagonal(sim)))[:MAX_SIMILARITY_SHOWN]  # s_ii is set when held
+                clients = pos.tolist()
+            if len(pos):
+                block = sim[np.ix_(pos, pos)]
                 view["similarity"] = {
-                    "clients": held.tolist(),
+                    "clients": clients,
                     "matrix": [[None if np.isnan(v) else round(float(v), 4) for v in row] for row in block],
                 }
         return view
