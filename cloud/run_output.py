@@ -267,7 +267,7 @@ def _plot(records: Sequence[Any], info: RunInfo, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rounds = [r.round + 1 for r in records]
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(9, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for key, label in (("test_before_acc", "before local training"), ("test_after_acc", "after local training")):
@@ -277,6 +277,5 @@ def _plot(records: Sequence[Any], info: RunInfo, path: Path) -> None:
         ax.axvspan(rounds[-PAPER_WINDOW] - 0.5, rounds[-1] + 0.5, color="0.9", zorder=0, label="paper metric window")
     ax.set(xlabel="round", ylabel="pooled test accuracy (%)", title=f"{info.algo} on {info.dataset}")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: never over the last rounds
     fig.savefig(path, dpi=110)
