@@ -68,9 +68,13 @@ def test_simulate_help_shows_runconfigs_defaults() -> None:
 
 
 def test_name_lists_are_the_registries() -> None:
-    from fedcmd_core.models import MODELS
+    from fedcmd_core import names, strategies
+    from fedcmd_core.models import MODEL_ALIASES, MODELS
     from fedcmd_core.names import ALGORITHM_NAMES, MODEL_NAMES
     from fedcmd_core.strategies import BUILTIN
+
+    assert names.ALGORITHM_ALIASES == strategies.ALIASES and names.MODEL_ALIASES == MODEL_ALIASES
+    assert names.ENTRY_POINT_GROUP == strategies.ENTRY_POINT_GROUP
 
     assert tuple(BUILTIN) == ALGORITHM_NAMES and tuple(MODELS) == MODEL_NAMES
     shown = _flat(runner.invoke(app, ["simulate", "--help"], terminal_width=200).output)

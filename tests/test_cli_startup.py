@@ -28,6 +28,10 @@ print("exit", result.exit_code)
         (["bench", "--help"], 0),
         (["deploy", "certs", "--bogus"], 2),
         (["simulte"], 2),
+        (["simulate", "--algo", "fedcdm"], 2),  # a mistyped name: one line before torch is imported
+        (["simulate", "-d", "imagenet21k", "-m", "lenet5"], 2),
+        (["algorithms", "--help"], 0),
+        (["--version"], 0),
     ],
 )
 def test_help_and_usage_errors_do_not_import_torch(args: list[str], code: int) -> None:

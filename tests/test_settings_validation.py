@@ -99,6 +99,9 @@ def test_serve_cli_exit_codes_are_2_for_mistakes(tmp_path: Path) -> None:
         ({"broker": "http://127.0.0.1:1883"}, {}, "broker: must be mqtt://host:port"),  # was exit 3
         ({"checkpoint": str(tmp_path)}, {}, "is a folder; give a file path"),  # was caught after round 1
         ({"min_clients": "2"}, {}, "min_clients: Input should be a valid integer"),
+        ({}, {"hp": {"share_bn_stats": "x"}}, "bad hyper-parameter for fedavg: share_bn_stats"),  # was 4 lines
+        ({}, {"hp": {"share_bn_stat": True}}, "did you mean 'share_bn_stats'?"),
+        ({}, {"rounds": 3}, "run.rounds: unknown setting"),
     ]
     for top, run, expected in cases:
         result = CliRunner().invoke(app, ["cloud", "serve", "--config", str(_cloud_toml(tmp_path, top, **run))])

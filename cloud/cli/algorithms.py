@@ -3,6 +3,7 @@ and each hyper-parameter's default, type and meaning, read from its ``Params`` m
 
 from __future__ import annotations
 
+import re
 import sys
 import typing
 from typing import Any, Optional
@@ -45,8 +46,9 @@ def _kind(annotation: Any) -> str:
 def _description(record: Any) -> str:
     """The first paragraph of the algorithm's module docstring (its paper and what it does), one line."""
     doc = sys.modules[record.server.__module__].__doc__ or record.params.__doc__ or ""
-    first = doc.strip().split("\n\n")[0]
-    return " ".join(first.replace("``", "`").split())
+    first = " ".join(doc.strip().split("\n\n")[0].replace("``", "`").split())
+    # design notes outside the package are no help to a user of it
+    return re.sub(r"\s*(?:as )?(?:DESIGN|REFERENCE)\.md(?: §[\d.]+)?(?: defines it)?", "", first)
 
 
 def _params_table(record: Any) -> Table | Text:

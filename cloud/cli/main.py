@@ -261,6 +261,12 @@ def simulate(
     given = {k: v for k, v in locals().items() if k not in ("ctx", "config", "force", "quiet", "hp")}
     # Only what the user typed overrides the config file: a default is the file's (or RunConfig's) business.
     cli_values = {k: v for k, v in given.items() if _typed(ctx, k)}
+    cli_values["hp"] = _parse_hp(hp)
+    try:  # the mistakes found without torch come first: their one line is there in a fraction of a second
+        file_values = load_config_file(config) if config else {}
+        _check_names({**file_values, **cli_values})
+    except ConfigError as e:
+        fail(str(e))
     from cloud import run_output
     from cloud.config import DiskError, Unavailable, check_writable
     from cloud.monitor.events import EventBus
@@ -269,9 +275,7 @@ def simulate(
     from fedcmd_core.cli_exit import EXIT_DISK, EXIT_RETRY
     from fedcmd_core.data import DataError
 
-    cli_values["hp"] = _parse_hp(hp)
     try:
-        file_values = load_config_file(config) if config else {}
         cfg = resolve(file_values, cli_values)
         target = cfg.out or run_output.default_out(cfg)
         run_output.check_out(target, force)
@@ -353,6 +357,25 @@ def simulate(
     watchers.stop()
     summ = run_output.summary(result)
     console.print(summary_table(summ, target))
+
+
+def _check_names(values: dict[str, Any]) -> None:
+    """A mistyped algorithm, model or dataset: one line at once, before torch is imported for the run (the
+    registries check the names again when the run is built). Installed plugin algorithms count as known."""
+    from fedcmd_core.names import ALGORITHM_ALIASES, ENTRY_POINT_GROUP, MODEL_ALIASES, unknown_name
+
+    algo, model, dataset = values.get("algo"), values.get("model"), values.get("dataset")
+    if isinstance(algo, str):
+        from importlib.metadata import entry_points
+
+        plugins = tuple(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        message = unknown_name("algorithm", algo, (*ALGORITHM_NAMES, *plugins), ALGORITHM_ALIASES)
+        if message:
+            raise ConfigError(f"algo: {message}")
+    if isinstance(model, str) and (message := unknown_name("model", model, MODEL_NAMES, MODEL_ALIASES)):
+        raise ConfigError(f"model: {message}")
+    if isinstance(dataset, str) and (message := unknown_name("dataset", dataset, DATASET_NAMES, {})):
+        raise ConfigError(f"dataset: {message}")
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:
