@@ -167,7 +167,7 @@ class _Worker:
         from edge_agent.compat import Incompatible
         from edge_agent.startup import build_device, refuse
         from fedcmd_core.strategies import ClientStrategy, ModelSpec
-        from protocols.topics import status_topic
+        from protocols.topics import presence_topic, status_topic
 
         local = self.local[cid]
         try:
@@ -191,7 +191,11 @@ class _Worker:
         agent = Agent(transport, self.job.fleet, cid, client, state_dir=state_dir)
         transport.unsubscribe(status_topic(self.job.fleet))
         transport.started_agent = agent
-        agent.announce("online")
+        # agent.announce("online") without waiting for the broker's PUBACK (thousands of agents start here):
+        # the birth for reconnects, then the retained presence, behind the subscriptions on this connection
+        presence = (presence_topic(self.job.fleet, cid), agent.presence("online"), True)
+        transport.set_birth(presence)
+        transport.publish_nowait(*presence)
         self.started += 1
 
     def serve(self) -> None:
@@ -453,8 +457,17 @@ def run_mqtt_simulation(
             fleet.add(proc, parent_end)
         fleet.show = _registration_progress(fleet, n)
         extra = {"events": events} if events is not None else {}
-        result = run_coordinator(p, WatchedTransport(transport, fleet), on_round, on_start, started,
-                                 registration_timeout=max(120.0, n / 50), **extra)
+        wait = max(120.0, n / 20)  # ~500 agents a second per worker start up here; 20 a second is slow
+        try:
+            result = run_coordinator(p, WatchedTransport(transport, fleet), on_round, on_start, started,
+                                     registration_timeout=wait, **extra)
+        except RuntimeError as e:
+            if "came online" not in str(e):
+                raise
+            fleet.poll()
+            connected, begun = fleet.counts()
+            raise FleetFailed(f"fleet simulation stopped: {e} within {wait:.0f} s (the workers had {connected} "
+                              f"connected and {begun} started; a slow or overloaded machine?)") from None
         if sys.stderr.isatty():
             print(file=sys.stderr)
         if stats_out is not None:
