@@ -28,11 +28,10 @@ from pydantic import Field, StringConstraints, model_validator
 
 from fedcmd_core import kernels
 from fedcmd_core.params import Arrays, flatten, model_arrays, unflatten
-from fedcmd_core.selection import Embedding, SelectionMetric, layer_distances
+from fedcmd_core.selection import layer_distances
 from fedcmd_core.strategies.base import (
     Algorithm,
     ClientStrategy,
-    HyperParams,
     NoInfo,
     ServerContext,
     ServerStrategy,
@@ -40,21 +39,9 @@ from fedcmd_core.strategies.base import (
     Update,
 )
 from fedcmd_core.strategies.bodies import BodyStore
-from fedcmd_core.strategies.layer_vote import LayerVote
-from fedcmd_core.strategies.phases import PhaseLength
+from fedcmd_core.strategies.layer_vote import LayerVote, SelectionParams
 
 DELTA = "delta::"  # prefix of uploaded personal-layer updates
-
-
-class SelectionParams(HyperParams):
-    """The personal-layer selection phase (shared with the ablation without weighted aggregation)."""
-
-    selection_rounds: PhaseLength = Field(0.1, gt=0, description="fraction (< 1) or number of selection rounds")
-    candidates: tuple[str, ...] | None = Field(None, description="candidate layers; default: fc*/classifier")
-    selection_metric: SelectionMetric = "w1"
-    embedding: Embedding = "minmax_mean"
-    # every 3rd batch keeps the vote under 5 % of local training time (measured: 13 % on every batch)
-    vote_every: int = Field(3, ge=1, description="vote on every k-th batch")
 
 
 # The paper's literal form (``variant="described"``): every stored body mixed, plain mixing (no server step).

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedcmd_core.strategies.base import Algorithm, ServerContext, ServerStrategy, Task, Update
-from fedcmd_core.strategies.fedcmd import FedCMDClient, SelectionParams, VoteInfo
-from fedcmd_core.strategies.layer_vote import LayerVote
+from fedcmd_core.strategies.fedcmd import FedCMDClient, VoteInfo
+from fedcmd_core.strategies.layer_vote import LayerVote, SelectionParams
 
 
 class FedCMDNoWeightParams(SelectionParams):
