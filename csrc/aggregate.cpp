@@ -42,11 +42,16 @@
 #include "simd.hpp"
 
 namespace fedcmd {
+namespace FEDCMD_ISA {  // one copy of this file per ISA variant (kernels.hpp)
 namespace {
 
 using namespace simd;
 
+#if defined(__AVX512F__)
+constexpr int kMaxR = 10;  // 2*R accumulators + 2 inputs + 1 broadcast <= 32 AVX-512 registers (K = 10: one tile)
+#else
 constexpr int kMaxR = 5;                    // 2*R accumulators + 2 inputs + 1 broadcast <= 16 AVX2 registers
+#endif
 constexpr int64_t kGroup = 8;               // buffers streamed together: few enough for the hardware prefetcher
 constexpr int64_t kAccBytes = 96 << 10;     // accumulators of one block, in L2 (K = 10: 2048 columns)
 constexpr int64_t kPage = 4096;
@@ -56,6 +61,18 @@ constexpr int64_t kParallelMin = 1 << 25;
 
 template <class T>
 struct Lanes;
+#if defined(__AVX512F__)
+template <>
+struct Lanes<float> {
+  using V = v16f;
+  static constexpr int n = 16;
+};
+template <>
+struct Lanes<double> {
+  using V = v8d;
+  static constexpr int n = 8;
+};
+#else
 template <>
 struct Lanes<float> {
   using V = v8f;
@@ -66,6 +83,7 @@ struct Lanes<double> {
   using V = v4d;
   static constexpr int n = 4;
 };
+#endif
 template <class T>
 constexpr int64_t kStep = 2 * Lanes<T>::n;  // columns per step: two vectors
 
@@ -73,22 +91,36 @@ constexpr int64_t kStep = 2 * Lanes<T>::n;  // columns per step: two vectors
 template <class T, Kind KD>
 inline typename Lanes<T>::V vload(const void* base, int64_t i) {
   using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::n;
   if constexpr (std::is_same_v<T, float>) {
     if constexpr (KD == Kind::F32) return loadu<V>(static_cast<const float*>(base) + i);
+#if defined(__AVX512F__)
+    if constexpr (KD == Kind::F16) return load16_f16(static_cast<const uint16_t*>(base) + i);
+    if constexpr (KD == Kind::BF16) return load16_bf16(static_cast<const uint16_t*>(base) + i);
+#else
     if constexpr (KD == Kind::F16) return load8_f16(static_cast<const uint16_t*>(base) + i);
     if constexpr (KD == Kind::BF16) return load8_bf16(static_cast<const uint16_t*>(base) + i);
+#endif
     if constexpr (KD == Kind::F64) {
       const double* d = static_cast<const double*>(base) + i;
       V r;
-      for (int q = 0; q < 8; ++q) r[q] = static_cast<float>(d[q]);
+      for (int q = 0; q < L; ++q) r[q] = static_cast<float>(d[q]);
       return r;
     }
   } else {
+#if defined(__AVX512F__)
+    if constexpr (KD == Kind::F64) return loadu<V>(static_cast<const double*>(base) + i);
+    if constexpr (KD == Kind::F32) return __builtin_convertvector(loadu<v8f>(static_cast<const float*>(base) + i), v8d);
+    if constexpr (KD == Kind::F16) return __builtin_convertvector(load8_f16(static_cast<const uint16_t*>(base) + i), v8d);
+    if constexpr (KD == Kind::BF16)
+      return __builtin_convertvector(load8_bf16(static_cast<const uint16_t*>(base) + i), v8d);
+#else
     if constexpr (KD == Kind::F64) return loadu<V>(static_cast<const double*>(base) + i);
     if constexpr (KD == Kind::F32) return __builtin_convertvector(loadu<v4f>(static_cast<const float*>(base) + i), v4d);
     if constexpr (KD == Kind::F16) return __builtin_convertvector(load4_f16(static_cast<const uint16_t*>(base) + i), v4d);
     if constexpr (KD == Kind::BF16)
       return __builtin_convertvector(load4_bf16(static_cast<const uint16_t*>(base) + i), v4d);
+#endif
   }
 }
 
@@ -168,7 +200,16 @@ void pass_r(int R, const T* w, const void* const* xr, int64_t g, int64_t steps, 
     case 2: pass_g<T, KD, 2>(w, xr, g, steps, acc, K, n1, n2, first); break;
     case 3: pass_g<T, KD, 3>(w, xr, g, steps, acc, K, n1, n2, first); break;
     case 4: pass_g<T, KD, 4>(w, xr, g, steps, acc, K, n1, n2, first); break;
+#if defined(__AVX512F__)
+    case 5: pass_g<T, KD, 5>(w, xr, g, steps, acc, K, n1, n2, first); break;
+    case 6: pass_g<T, KD, 6>(w, xr, g, steps, acc, K, n1, n2, first); break;
+    case 7: pass_g<T, KD, 7>(w, xr, g, steps, acc, K, n1, n2, first); break;
+    case 8: pass_g<T, KD, 8>(w, xr, g, steps, acc, K, n1, n2, first); break;
+    case 9: pass_g<T, KD, 9>(w, xr, g, steps, acc, K, n1, n2, first); break;
+    default: pass_g<T, KD, 10>(w, xr, g, steps, acc, K, n1, n2, first); break;
+#else
     default: pass_g<T, KD, 5>(w, xr, g, steps, acc, K, n1, n2, first); break;
+#endif
   }
 }
 
@@ -327,4 +368,5 @@ void weighted_aggregate(const double* W, int64_t K, int64_t N, const Buffer* buf
   aggregate<double>(W, K, N, bufs, P, out);
 }
 
+}  // namespace FEDCMD_ISA
 }  // namespace fedcmd

@@ -5,13 +5,14 @@
 // a non-contiguous view, NaN that would break std::sort's ordering) raises TypeError/ValueError
 // naming the function and argument, never crashes. Arrays are never converted or copied here.
 //
-// This file is compiled without -march flags so that the import-time CPU check below runs on any
-// x86-64 CPU; the kernels' translation units carry the ISA flags.
+// This file is compiled without -march flags so that the import-time choice of the ISA variant runs on
+// any CPU; each variant's kernel translation units carry their own ISA flags.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,21 @@ using fedcmd::Buffer;
 using fedcmd::Kind;
 
 namespace fedcmd {
+// The ISA variants this build holds (CMakeLists.txt compiles the kernel sources once per variant).
+namespace portable {
+FEDCMD_KERNEL_API
+}
+#ifdef FEDCMD_HAS_AVX2
+namespace avx2 {
+FEDCMD_KERNEL_API
+}
+#endif
+#ifdef FEDCMD_HAS_AVX512
+namespace avx512 {
+FEDCMD_KERNEL_API
+}
+#endif
+
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -37,6 +53,42 @@ int max_threads() {
 }  // namespace fedcmd
 
 namespace {
+
+// One variant's kernels; the module calls through the table chosen at import (choose_variant).
+struct Variant {
+  const char* name;
+  void (*wasserstein_1d)(const double*, const double*, int64_t, int64_t, int64_t, double, const double*,
+                         const double*, double*);
+  void (*wasserstein_pairwise)(const double*, int64_t, int64_t, double, double*);
+  double (*sliced_wasserstein)(const double*, int64_t, const double*, int64_t, int64_t, const double*, int64_t, double,
+                               const double*, const double*);
+  void (*aggregate_f)(const double*, int64_t, int64_t, const Buffer*, int64_t, float*);
+  void (*aggregate_d)(const double*, int64_t, int64_t, const Buffer*, int64_t, double*);
+  void (*rowwise_mean_cosine)(const Buffer*, int64_t, int64_t, int64_t, double, double*);
+  double (*fma_peak_gflops)(int64_t);
+  double (*read_sum)(const float*, int64_t);
+  int (*vector_lanes)();
+};
+
+#define FEDCMD_VARIANT(ns)                                                                                        \
+  Variant {                                                                                                       \
+    #ns, &fedcmd::ns::wasserstein_1d, &fedcmd::ns::wasserstein_pairwise, &fedcmd::ns::sliced_wasserstein,         \
+        static_cast<void (*)(const double*, int64_t, int64_t, const Buffer*, int64_t, float*)>(                   \
+            &fedcmd::ns::weighted_aggregate),                                                                     \
+        static_cast<void (*)(const double*, int64_t, int64_t, const Buffer*, int64_t, double*)>(                  \
+            &fedcmd::ns::weighted_aggregate),                                                                     \
+        &fedcmd::ns::rowwise_mean_cosine, &fedcmd::ns::fma_peak_gflops, &fedcmd::ns::read_sum,                    \
+        &fedcmd::ns::vector_lanes                                                                                 \
+  }
+
+Variant g_kernels = FEDCMD_VARIANT(portable);  // replaced at import by the best usable variant
+
+inline void run_aggregate(const double* W, int64_t K, int64_t N, const Buffer* b, int64_t P, float* out) {
+  g_kernels.aggregate_f(W, K, N, b, P, out);
+}
+inline void run_aggregate(const double* W, int64_t K, int64_t N, const Buffer* b, int64_t P, double* out) {
+  g_kernels.aggregate_d(W, K, N, b, P, out);
+}
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -130,7 +182,7 @@ py::array_t<double> wasserstein_1d(const py::object& u_obj, const py::object& v_
   double* o = out.mutable_data();
   {
     py::gil_scoped_release nogil;
-    fedcmd::wasserstein_1d(up, vp, B, n, m, p, uw, vw, o);
+    g_kernels.wasserstein_1d(up, vp, B, n, m, p, uw, vw, o);
   }
   return out;
 }
@@ -145,7 +197,7 @@ py::array_t<double> wasserstein_pairwise(const py::object& s_obj, double p) {
   double* o = out.mutable_data();
   {
     py::gil_scoped_release nogil;
-    fedcmd::wasserstein_pairwise(sp, N, n, p, o);
+    g_kernels.wasserstein_pairwise(sp, N, n, p, o);
   }
   return out;
 }
@@ -174,7 +226,7 @@ double sliced_wasserstein(const py::object& x_obj, const py::object& y_obj, cons
   const double* yw = weights("y_weights", yw_obj, Y);
   const int64_t n = X.shape(0), m = Y.shape(0), d = X.shape(1), L = T.shape(0);
   py::gil_scoped_release nogil;
-  return fedcmd::sliced_wasserstein(xp, n, yp, m, d, tp, L, p, xw, yw);
+  return g_kernels.sliced_wasserstein(xp, n, yp, m, d, tp, L, p, xw, yw);
 }
 
 // Client buffers: one [N, P] array or a sequence of N 1-D arrays of one length P, float16/32/64,
@@ -245,13 +297,13 @@ py::array weighted_aggregate(const py::object& w_obj, const py::object& buffers,
     py::array_t<float> out({K, b.P});
     float* o = out.mutable_data();
     py::gil_scoped_release nogil;
-    fedcmd::weighted_aggregate(wp, K, N, b.bufs.data(), b.P, o);
+    run_aggregate(wp, K, N, b.bufs.data(), b.P, o);
     return std::move(out);
   }
   py::array_t<double> out({K, b.P});
   double* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  fedcmd::weighted_aggregate(wp, K, N, b.bufs.data(), b.P, o);
+  run_aggregate(wp, K, N, b.bufs.data(), b.P, o);
   return std::move(out);
 }
 
@@ -320,7 +372,7 @@ py::array_t<double> rowwise_mean_cosine_matrix(const py::object& mats, double ep
   py::array_t<double> out({N, N});
   double* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  fedcmd::rowwise_mean_cosine(it.bufs.data(), N, it.r, it.c, eps, o);
+  g_kernels.rowwise_mean_cosine(it.bufs.data(), N, it.r, it.c, eps, o);
   return out;
 }
 
@@ -332,20 +384,53 @@ py::array_t<double> cosine_similarity_matrix(const py::object& A, double eps) {
   py::array_t<double> out({N, N});
   double* o = out.mutable_data();
   py::gil_scoped_release nogil;
-  fedcmd::rowwise_mean_cosine(it.bufs.data(), N, 1, it.c, eps, o);
+  g_kernels.rowwise_mean_cosine(it.bufs.data(), N, 1, it.c, eps, o);
   return out;
 }
 
-// The kernels' translation units use AVX2/FMA/F16C when built for x86-64-v3; refuse to load on a CPU
-// without them (ImportError: the face then falls back to NumPy) instead of dying of SIGILL later.
-void check_cpu() {
-#if defined(FEDCMD_X86_V3) && (defined(__x86_64__) || defined(__i386__))
+// Runtime ISA dispatch, as NumPy and oneDNN do: every variant built is listed (best first); the first this
+// CPU runs is used, unless FEDCMD_ISA names one (portable, avx2, avx512; auto = the default). A variant the
+// CPU lacks is never entered, so there is no SIGILL; a FEDCMD_ISA that cannot be honoured is an ImportError.
+bool cpu_runs(const std::string& name) {
+#if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
-    throw py::import_error(
-        "fedcmd_core._native was built for x86-64-v3 (AVX2, FMA, F16C) and this CPU lacks them; rebuild with "
-        "-DFEDCMD_X86_LEVEL=x86-64 (pip install . -Ccmake.define.FEDCMD_X86_LEVEL=x86-64)");
+  if (name == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  if (name == "avx512")  // x86-64-v4: AVX-512 F, BW, CD, DQ, VL (with the OS saving the zmm state)
+    return cpu_runs("avx2") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
 #endif
+  return name == "portable";
+}
+
+std::vector<Variant> built_variants() {
+  std::vector<Variant> out;
+#ifdef FEDCMD_HAS_AVX512
+  out.push_back(FEDCMD_VARIANT(avx512));
+#endif
+#ifdef FEDCMD_HAS_AVX2
+  out.push_back(FEDCMD_VARIANT(avx2));
+#endif
+  out.push_back(FEDCMD_VARIANT(portable));
+  return out;
+}
+
+Variant choose_variant() {
+  const char* env = std::getenv("FEDCMD_ISA");
+  const std::string want = env ? env : "";
+  std::string built, usable;
+  for (const Variant& v : built_variants()) {
+    built += (built.empty() ? "" : ", ") + std::string(v.name);
+    if (cpu_runs(v.name)) usable += (usable.empty() ? "" : ", ") + std::string(v.name);
+  }
+  for (const Variant& v : built_variants()) {
+    if (!cpu_runs(v.name)) continue;
+    if (want.empty() || want == "auto" || want == v.name) return v;
+  }
+  throw py::import_error("FEDCMD_ISA=" + want + ": this build holds " + built + " and this CPU runs " + usable +
+                         " (unset FEDCMD_ISA for the best of them)");
 }
 
 }  // namespace
@@ -355,7 +440,7 @@ void register_cuda(py::module_& m);  // cuda/kernels.cu
 #endif
 
 PYBIND11_MODULE(_native, m) {
-  check_cpu();
+  g_kernels = choose_variant();
   m.doc() = "Native (C++/OpenMP) kernels of fedcmd_core.kernels; see that module for the contract.";
   m.def("wasserstein_1d", &wasserstein_1d, py::arg("u"), py::arg("v"), py::arg("p"), py::arg("u_weights") = py::none(),
         py::arg("v_weights") = py::none(), "W_p between rows of u [B, n] and v [B, m] (float64), optional weights.");
@@ -374,9 +459,19 @@ PYBIND11_MODULE(_native, m) {
       [](int64_t vector_fmas) {
         if (vector_fmas < 1) throw py::value_error("fma_peak_gflops: vector_fmas must be >= 1");
         py::gil_scoped_release unlocked;
-        return fedcmd::fma_peak_gflops(vector_fmas);
+        return g_kernels.fma_peak_gflops(vector_fmas);
       },
       py::arg("vector_fmas"), "Measured float32 multiply-add throughput of all kernel threads (G/s).");
+  m.def(
+      "read_sum",
+      [](py::array_t<float, py::array::c_style> x) {
+        const float* p = x.data();
+        const int64_t n = static_cast<int64_t>(x.size());
+        py::gil_scoped_release unlocked;
+        return g_kernels.read_sum(p, n);
+      },
+      py::arg("x"), "Sum of a C-contiguous float32 array on all kernel threads (the read-bandwidth probe).");
+  m.attr("variant") = g_kernels.name;
   m.def("max_threads", &fedcmd::max_threads, "OpenMP threads a kernel uses (OMP_NUM_THREADS, else the cores).");
   py::dict info;
 #ifdef _OPENMP
@@ -384,13 +479,22 @@ PYBIND11_MODULE(_native, m) {
 #else
   info["openmp"] = false;
 #endif
-#if defined(FEDCMD_X86_V3)
-  info["isa"] = "x86-64-v3";
-#elif defined(__aarch64__)
-  info["isa"] = "aarch64";
+  info["isa"] = g_kernels.name;  // the variant in use
+  py::list variants, usable;
+  for (const Variant& v : built_variants()) {
+    variants.append(v.name);
+    if (cpu_runs(v.name)) usable.append(v.name);
+  }
+  info["variants"] = variants;  // built, best first
+  info["usable"] = usable;      // of those, what this CPU runs
+#if defined(__aarch64__)
+  info["arch"] = "aarch64";
+#elif defined(__x86_64__)
+  info["arch"] = "x86_64";
 #else
-  info["isa"] = "baseline";
+  info["arch"] = "other";
 #endif
+  info["vector_lanes"] = g_kernels.vector_lanes();
 #ifdef FEDCMD_WITH_CUDA
   info["cuda"] = true;
   register_cuda(m);

@@ -20,6 +20,24 @@ struct Buffer {
   Kind kind;
 };
 
+// Every kernel source is compiled once per ISA variant (CMakeLists.txt: portable everywhere; avx2 and
+// avx512 on x86-64), each into its own namespace fedcmd::<variant>; bindings.cpp picks one variant at
+// import from the CPU's features (or FEDCMD_ISA). FEDCMD_ISA names the variant being compiled.
+#define FEDCMD_KERNEL_API                                                                                          \
+  void wasserstein_1d(const double* u, const double* v, int64_t B, int64_t n, int64_t m, double p, const double* uw,  \
+                      const double* vw, double* out);                                                               \
+  void wasserstein_pairwise(const double* S, int64_t N, int64_t n, double p, double* out);                          \
+  double sliced_wasserstein(const double* X, int64_t n, const double* Y, int64_t m, int64_t d, const double* theta, \
+                            int64_t L, double p, const double* xw, const double* yw);                              \
+  void weighted_aggregate(const double* W, int64_t K, int64_t N, const Buffer* bufs, int64_t P, float* out);        \
+  void weighted_aggregate(const double* W, int64_t K, int64_t N, const Buffer* bufs, int64_t P, double* out);       \
+  void rowwise_mean_cosine(const Buffer* items, int64_t N, int64_t r, int64_t c, double eps, double* out);          \
+  double fma_peak_gflops(int64_t vector_fmas);                                                                      \
+  double read_sum(const float* x, int64_t n);                                                                       \
+  int vector_lanes();
+
+#ifdef FEDCMD_ISA
+namespace FEDCMD_ISA {
 // ---- wasserstein.cpp
 // W_p between rows of u [B, n] and v [B, m] (optional weights, same shapes, >= 0, positive totals).
 void wasserstein_1d(const double* u, const double* v, int64_t B, int64_t n, int64_t m, double p, const double* uw,
@@ -41,8 +59,15 @@ void rowwise_mean_cosine(const Buffer* items, int64_t N, int64_t r, int64_t c, d
 
 // ---- peak.cpp
 // Measured fused multiply-add throughput of all OpenMP threads, in GFLOP-lanes/s (float32 multiply-adds per
-// second / 1e9), from `vector_fmas` 8-lane FMAs in independent register chains.
+// second / 1e9), from `vector_fmas` FMAs of vector_lanes() lanes in independent register chains.
 double fma_peak_gflops(int64_t vector_fmas);
+// float32 lanes of this variant's widest vectors (8 for AVX2, 16 for AVX-512, 8 portable)
+int vector_lanes();
+// Sum of x[0, n) over all OpenMP threads: the read-bandwidth probe of `fedcmd bench kernels`' roofline.
+double read_sum(const float* x, int64_t n);
+
+}  // namespace FEDCMD_ISA
+#endif
 
 // ---- bindings.cpp helpers shared by the kernels
 int max_threads();

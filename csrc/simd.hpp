@@ -1,5 +1,5 @@
-// Small portable SIMD layer: GCC/Clang vector extensions (AVX2 registers on x86-64-v3, two NEON
-// registers on aarch64), plus half / bfloat16 loads. Intrinsics only where the vector extensions
+// Small portable SIMD layer: GCC/Clang vector extensions (AVX2 registers on x86-64-v3, AVX-512 ones in
+// the avx512 variant, two NEON registers on aarch64), plus half / bfloat16 loads. Intrinsics only where the vector extensions
 // have no portable spelling (F16C conversions).
 #pragma once
 
@@ -109,6 +109,20 @@ inline v4f load4_bf16(const uint16_t* p) {
   v4u32 w = __builtin_convertvector(loadu<v4u16>(p), v4u32) << 16;
   return (v4f)w;
 }
+
+#if defined(__AVX512F__)
+// The avx512 variant's 512-bit vectors (16 floats / 8 doubles): 32 registers, twice the lanes per FMA.
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+
+inline v16f load16_f16(const uint16_t* p) {
+  return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline v16f load16_bf16(const uint16_t* p) {
+  return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+}
+#endif
 
 }  // namespace
 }  // namespace fedcmd::simd

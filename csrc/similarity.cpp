@@ -20,6 +20,7 @@
 #include "kernels.hpp"
 
 namespace fedcmd {
+namespace FEDCMD_ISA {  // one copy of this file per ISA variant (kernels.hpp)
 namespace {
 
 typedef double v4d __attribute__((vector_size(32)));
@@ -193,4 +194,5 @@ void rowwise_mean_cosine(const Buffer* items, int64_t N, int64_t r, int64_t c, d
   rowwise(base.data(), N, r, c, eps, out);
 }
 
+}  // namespace FEDCMD_ISA
 }  // namespace fedcmd

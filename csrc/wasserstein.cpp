@@ -10,6 +10,7 @@
 #include "kernels.hpp"
 
 namespace fedcmd {
+namespace FEDCMD_ISA {  // one copy of this file per ISA variant (kernels.hpp)
 namespace {
 
 // Work below these sizes (about 2-3 ms on one thread) stays on one thread. Waking an OpenMP team
@@ -338,4 +339,5 @@ double sliced_wasserstein(const double* X, int64_t n, const double* Y, int64_t m
   return root(mean / static_cast<double>(L), p);
 }
 
+}  // namespace FEDCMD_ISA
 }  // namespace fedcmd

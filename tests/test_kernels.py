@@ -475,7 +475,7 @@ def test_backend_in_process():
         assert _native_importable()
     else:
         expected = "native" if _native_importable() else "numpy"
-    assert K.backend() == expected
+    assert K.backend() == (f"native-{K._native.variant}" if expected == "native" else "numpy")
     source = K._native if expected == "native" else fallback
     assert (K._native is None) == (expected == "numpy")
     for name in KERNELS:
@@ -487,7 +487,8 @@ def test_backend_native_when_required():
     r = _backend_in_subprocess("1")
     if _native_importable():
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "native"
+        variant = importlib.import_module("fedcmd_core._native").variant
+        assert r.stdout.strip() == f"native-{variant}" and variant in ("avx512", "avx2", "portable")
     else:
         assert r.returncode != 0 and "FEDCMD_NATIVE=1 but fedcmd_core._native" in r.stderr
 

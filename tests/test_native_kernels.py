@@ -455,7 +455,13 @@ def test_bench_kernels_quick_json():
         assert r["fallback_ms"] > 0 and r["baseline_ms"] > 0
         if native is not None:
             assert r["native_ms"] > 0 and r["vs_fallback"] > 0 and r["vs_baseline"] > 0 and r["native_gbps"] > 0
-    assert len(rep["targets"]) == 8 and all(np.isfinite(t["value"]) for t in rep["targets"] if t["value"] is not None)
+    assert len(rep["targets"]) == 8 + (4 if native is not None else 0)  # + the aggregation's roofline shares
+    assert all(np.isfinite(t["value"]) for t in rep["targets"] if t["value"] is not None)
+    assert rep["read_gbps"] > 0
+    for r in rep["rows"]:  # every aggregation row has its multiply-adds, hence a roofline share (the quick
+        # sizes fit in cache, so against the memory read bandwidth they can exceed 100 %)
+        if r["kernel"] == "weighted_aggregate" and native is not None:
+            assert r["fmas"] > 0 and r["pct_of_roofline"] > 0 and r["roofline_ms"] > 0, r
     vote = rep["vote"]
     assert vote["train_ms"] > 0 and vote["vote_ms"] > 0 and np.isfinite(vote["overhead_pct"])
     assert vote["vote_every"] == 3  # measured as FedCMD runs it (SelectionParams.vote_every)

@@ -43,6 +43,7 @@ class Row:
     baseline_ms: float | None
     bytes: float = 0.0  # minimal traffic of one call: inputs read once, outputs written once
     note: str = ""
+    fmas: float = 0.0  # multiply-adds of one call (0: not a multiply-add kernel; its roofline is the bandwidth)
 
     @property
     def vs_fallback(self) -> float | None:
@@ -55,11 +56,28 @@ class Row:
     def gbps(self) -> float | None:
         return self.bytes / (self.native_ms * 1e6) if self.native_ms and self.bytes else None
 
-    def as_json(self, copy_gbps: float) -> dict[str, Any]:
+    def roofline_ms(self, fma_gflops: float | None, read_gbps: float) -> float | None:
+        """The fastest this call can be on this machine: its multiply-adds at the measured FMA peak or its
+        bytes at the measured read bandwidth, whichever takes longer (the roofline at its intensity)."""
+        if not read_gbps or not self.bytes:
+            return None
+        memory_ms = self.bytes / (read_gbps * 1e6)
+        if not self.fmas or not fma_gflops:
+            return memory_ms
+        return max(memory_ms, self.fmas / (fma_gflops * 1e6))
+
+    def roofline_share(self, fma_gflops: float | None, read_gbps: float) -> float | None:
+        floor = self.roofline_ms(fma_gflops, read_gbps)
+        return floor / self.native_ms if floor and self.native_ms else None
+
+    def as_json(self, copy_gbps: float, fma_gflops: float | None = None, read_gbps: float = 0.0) -> dict[str, Any]:
         d = asdict(self)
         d.update(vs_fallback=self.vs_fallback, vs_baseline=self.vs_baseline, native_gbps=self.gbps())
         g = self.gbps()
         d["native_pct_of_copy_bw"] = 100 * g / copy_gbps if g and copy_gbps else None
+        d["roofline_ms"] = self.roofline_ms(fma_gflops, read_gbps)
+        share = self.roofline_share(fma_gflops, read_gbps)
+        d["pct_of_roofline"] = None if share is None else 100 * share
         return d
 
 
@@ -82,6 +100,7 @@ class Report:
     cpu: str
     copy_gbps: float = 0.0
     fma_gflops: float | None = None  # measured float32 multiply-add ceiling of the kernel threads (native only)
+    read_gbps: float = 0.0  # measured read bandwidth of the kernel threads (native read_sum; NumPy sum without it)
     rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     vote: dict[str, float] = field(default_factory=dict)
@@ -96,7 +115,8 @@ class Report:
             "cpu": self.cpu,
             "copy_gbps": self.copy_gbps,
             "fma_gflops": self.fma_gflops,
-            "rows": [r.as_json(self.copy_gbps) for r in self.rows],
+            "read_gbps": self.read_gbps,
+            "rows": [r.as_json(self.copy_gbps, self.fma_gflops, self.read_gbps) for r in self.rows],
             "targets": [asdict(t) for t in self.targets],
             "vote": self.vote,
         }
@@ -217,8 +237,9 @@ def run_kernel_bench(quick: bool = False, repeat: int = 5, progress: Progress | 
         fn = getattr(native, name)
         return lambda: fn(*args)
 
-    with steps.step("copy bandwidth (np.copyto) and multiply-add peak"):
+    with steps.step("copy and read bandwidth, multiply-add peak"):
         rep.copy_gbps = copy_bandwidth(size["copy"], repeat)
+        rep.read_gbps = read_bandwidth(size["copy"], repeat, native)
         if native is not None:  # best of a few ~0.1 s probes (the least disturbed by other processes)
             rep.fma_gflops = max(native.fma_peak_gflops(size["fma"]) for _ in range(min(repeat, 3)))
 
@@ -232,6 +253,15 @@ def run_kernel_bench(quick: bool = False, repeat: int = 5, progress: Progress | 
         Target("vote cost / local training time", rep.vote["overhead_pct"], "<= 5 %", rep.vote["overhead_pct"] <= 5)
     )
     return rep
+
+
+def read_bandwidth(elements: int, repeat: int, native: Any = None) -> float:
+    """GB/s of reading a float32 array once (the roofline's memory side), on the kernels' threads when the
+    native module has the probe (older builds: NumPy's single-threaded sum)."""
+    x = np.ones(elements, np.float32)
+    probe = getattr(native, "read_sum", None)
+    ms = best_ms((lambda: probe(x)) if probe is not None else (lambda: np.add.reduce(x)), repeat)
+    return x.nbytes / (ms * 1e6)
 
 
 def copy_bandwidth(elements: int, repeat: int) -> float:
@@ -439,9 +469,11 @@ def _bench_aggregate(
     traffic32 = N * P * 4 + out_bytes
     rep.rows += [
         Row(
-            "weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms, traffic32
+            "weighted_aggregate", case + " f32", native32, fallback32, "NumPy w @ X (X pre-stacked)", pre_ms, traffic32,
+            fmas=K * N * P,
         ),
-        Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy np.stack + matmul", stack_ms, traffic32),
+        Row("weighted_aggregate", case + " f32", native32, fallback32, "NumPy np.stack + matmul", stack_ms, traffic32,
+            fmas=K * N * P),
     ]
     with steps.step(f"weighted_aggregate bfloat16 {case}"):
         tb = [torch.from_numpy(b).to(torch.bfloat16) for b in bufs]
@@ -470,6 +502,7 @@ def _bench_aggregate(
             "float32 buffers, same backend",
             native32_k1 if native32_k1 is not None else fallback32_k1,
             N * P * 2 + P * 4,
+            fmas=N * P,
         ),
         Row(
             "weighted_aggregate",
@@ -479,6 +512,7 @@ def _bench_aggregate(
             "float32 buffers, same backend",
             native32 if native32 is not None else fallback32,
             traffic16,
+            fmas=K * N * P,
         ),
         Row(
             "weighted_aggregate",
@@ -488,6 +522,7 @@ def _bench_aggregate(
             "torch bf16 stack + matmul",
             torch_bf,
             traffic16,
+            fmas=K * N * P,
         ),
     ]
     near = _ratio(native32, pre_ms)
@@ -519,6 +554,13 @@ def _bench_aggregate(
             None if x16_k1 is None else x16_k1 >= 1.6,
         ),
     ]
+    for row in [r for r in rep.rows if r.kernel == "weighted_aggregate" and r.case.startswith("K=") and r.fmas]:
+        if row.baseline == "NumPy np.stack + matmul" or row.native_ms is None:
+            continue  # the same native time as the row above it
+        share = row.roofline_share(rep.fma_gflops, rep.read_gbps)
+        rep.targets.append(Target(f"aggregate {row.case}: share of the roofline", None if share is None else
+                                  100 * share, ">= 80 %", None if share is None else share >= 0.8,
+                                  _roofline_note(row, rep)))
 
 
 def _bench_similarity(
@@ -669,6 +711,19 @@ def _vote_overhead(batches: int, repeat: int) -> dict[str, float]:
     }
 
 
+def _roofline_note(row: Row, rep: Report) -> str:
+    intensity = row.fmas / row.bytes
+    memory = intensity * rep.read_gbps
+    bound = "multiply-add" if rep.fma_gflops and rep.fma_gflops < memory else "memory"
+    floor = row.roofline_ms(rep.fma_gflops, rep.read_gbps) or 0.0
+    return (f"{intensity:.2f} multiply-adds per byte read: the read bandwidth allows {memory:.1f} G/s, the FMA peak "
+            f"{rep.fma_gflops or 0:.1f} G/s: {bound}-bound, floor {floor:.1f} ms")
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "—" if x is None else f"{x:{spec}}{suffix}"
 
@@ -679,7 +734,10 @@ def render(rep: Report, console: Console) -> None:
         caption=(
             f"best of {rep.repeat}; load average {rep.load_average[0]:.2f} {rep.load_average[1]:.2f} "
             f"{rep.load_average[2]:.2f}; copy bandwidth (np.copyto, read+write) {rep.copy_gbps:.1f} GB/s"
+            + f"; read bandwidth {rep.read_gbps:.1f} GB/s"
             + (f"; float32 multiply-add peak {rep.fma_gflops:.1f} G/s" if rep.fma_gflops else "")
+            + "; % roofline: the call's time at the lower of the FMA peak and the read bandwidth for its "
+            "multiply-adds per byte, over its measured time (bandwidth only for kernels that are not multiply-adds)"
         ),
     )
     for col, just in [
@@ -693,6 +751,7 @@ def render(rep: Report, console: Console) -> None:
         ("x baseline", "right"),
         ("GB/s", "right"),
         ("% copy BW", "right"),
+        ("% roofline", "right"),
     ]:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rep.rows:
@@ -708,6 +767,7 @@ def render(rep: Report, console: Console) -> None:
             _fmt(r.vs_baseline, ".1f", "x"),
             _fmt(g, ".1f"),
             _fmt(100 * g / rep.copy_gbps if g and rep.copy_gbps else None, ".0f", "%"),
+            _fmt(_pct(r.roofline_share(rep.fma_gflops, rep.read_gbps)), ".0f", "%"),
         )
     v = rep.vote
     case = (
@@ -726,11 +786,12 @@ def render(rep: Report, console: Console) -> None:
         "—",
         "—",
         "—",
+        "—",
     )
     console.print(table)
     for t in rep.targets:
         mark = "—" if t.met is None else ("[green]met[/]" if t.met else "[red]NOT met[/]")
-        value = _fmt(t.value, ".2f", " %" if "vote" in t.name else "")
+        value = _fmt(t.value, ".2f", " %" if "vote" in t.name or "roofline" in t.name else "")
         console.print(f"  {t.name}: {value}  (target {t.goal})  {mark}")
         if t.note:
             console.print(f"      {t.note}")

@@ -4,7 +4,9 @@ This module is the public face. It validates every argument (``validate.py``, sh
 backends), then dispatches to a backend:
 
 * ``native``: the compiled module ``fedcmd_core._native`` (C++/pybind11, built from ``csrc/``),
-  used when it imports, unless the environment sets ``FEDCMD_NATIVE=0``;
+  used when it imports, unless the environment sets ``FEDCMD_NATIVE=0``; it holds several ISA variants
+  of every kernel (portable; avx2 and avx512 on x86-64) and runs the best this CPU has (``FEDCMD_ISA``
+  names one instead); ``backend()`` says which, e.g. ``native-avx2``;
 * ``numpy``: ``fallback.py``, always present, and the test oracle for the native module.
 
 Like POT's ``ot/backend.py``, the choice is made once, at import, by trying the import; a native module
@@ -55,6 +57,7 @@ __all__ = [
 ]
 
 NATIVE_ENV = "FEDCMD_NATIVE"
+ISA_ENV = "FEDCMD_ISA"  # read by the native module at import: portable, avx2, avx512 or auto (the best the CPU runs)
 # torch.nn.functional.cosine_similarity's default
 COSINE_EPS = 1e-8
 
@@ -70,6 +73,8 @@ else:
     except ImportError as e:
         if _mode in ("1", "true", "yes", "on"):
             raise ImportError(f"{NATIVE_ENV}={os.environ[NATIVE_ENV]} but fedcmd_core._native: {e}") from e
+        if os.environ.get(ISA_ENV, "").strip() not in ("", "auto"):  # a variant asked for by name: no silent NumPy
+            raise
         _native = None
         native_import_error = f"{type(e).__name__}: {e}"
 
@@ -89,8 +94,11 @@ _rowwise_mean_cosine_matrix = _impl("rowwise_mean_cosine_matrix")
 
 
 def backend() -> str:
-    """``"native"`` when the compiled module is in use, else ``"numpy"``."""
-    return "native" if _native is not None else "numpy"
+    """``"native-<variant>"`` when the compiled module is in use (the ISA variant it chose at import:
+    ``avx512``, ``avx2`` or ``portable``; ``FEDCMD_ISA`` picks one), else ``"numpy"``."""
+    if _native is None:
+        return "numpy"
+    return f"native-{getattr(_native, 'variant', 'portable')}"
 
 
 def wasserstein_1d(
