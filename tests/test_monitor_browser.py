@@ -81,6 +81,13 @@ def _page_rounds(driver: Any) -> list[dict[str, Any]]:
         });""")
 
 
+def _open(driver: Any, url: str) -> None:
+    """Leave the previous page (its server is gone: its retries are not this page's errors), then load ``url``."""
+    driver.get("about:blank")
+    driver.get_log("browser")
+    driver.get(url)
+
+
 def _only_loopback_and_no_errors(driver: Any, origin: str) -> None:
     names = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert names and all(n.startswith(origin) for n in names), names
@@ -114,11 +121,13 @@ def test_a_live_simulation_on_the_page_equals_its_metrics_csv(browser: Any, tmp_
         [str(BIN / "fedcmd"), "simulate", "--algo", "fedcmd", "-d", "digits", "-cn", "6", "-jr", "0.5", "-ge", "16",
          "-le", "1", "-tg", "0", "--seed", "2", "--hp", "selection_rounds=3", "--visible", "1", "--visible-port", "0",
          "--visible-keep", "60", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        # Ctrl-C must reach it even where this test runs in the background (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log: list[str] = []
     try:
         url = _read_url(proc, log, 120)
-        browser.get(url)
+        _open(browser, url)
         # live: the page moves on its own (no reload) while the run goes
         seen: set[int] = set()
 
@@ -223,7 +232,7 @@ def test_the_fleet_device_table_follows_presence_and_a_killed_agent_goes_offline
     page = f"http://127.0.0.1:{port}/"
     try:
         _until("the dashboard", lambda: _reachable(page), 120)
-        browser.get(page)
+        _open(browser, page)
         _until("three devices online on the page", lambda: _device_states(browser) == {0: "online", 1: "online",
                                                                                        2: "online"}, 180)
         _until("a closed round", lambda: _status(url).get("next_round", 0) >= 1, 120)

@@ -19,9 +19,12 @@
 
   function width(el) { return Math.max(300, el.clientWidth || 400); }
 
-  // The paper metric's window: the last `w` rounds of the longest run, shaded under the curves.
-  function windowHook(state) {
+  // The paper metric's window: the last `w` rounds of the longest run, shaded under the curves. It reads the
+  // newest state (`last`), not the one the chart was made with.
+  function windowHook() {
     return (u) => {
+      const state = last;
+      if (!state) return;
       const n = Math.max(0, ...state.runs.map((r) => r.rounds.length ? r.rounds[r.rounds.length - 1].round : 0));
       if (n < 1) return;
       const w = state.paper_window || 10;
@@ -77,7 +80,7 @@
       loss.push({ label: name + "loss after", stroke: s.stroke, dash: [4, 4], width: 1 });
       lossData.push(column(run, xs, "test_after_loss"));
     });
-    lineChart("chart-acc", "accuracy", acc, accData, "accuracy (%)", { drawAxes: [windowHook(state)] });
+    lineChart("chart-acc", "accuracy", acc, accData, "accuracy (%)", { drawAxes: [windowHook()] });
     lineChart("chart-loss", "loss", loss, lossData, "loss");
     const run = state.runs[state.runs.length - 1];
     const kib = 1 / 1024;
