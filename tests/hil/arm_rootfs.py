@@ -10,7 +10,7 @@ Cache (outside the clone): ``$FEDCMD_HIL_ARM_CACHE``, default ``~/.cache/fedcmd/
     .building-*             layers being built (a temp folder per builder pid, renamed into place when done)
 
 Each layer's hash covers its recipe (a recipe version of this file, deploy/rpi/install-agent.sh,
-pyproject.toml, the suite, the mirror and the package lists): a changed recipe builds a new layer and
+pyproject.toml's dependency lists, the suite, the mirror and the package lists): a changed recipe builds a new layer and
 deletes the old one. A session mounts an overlay with a private upper folder on top (:class:`SessionRoot`),
 so what a test does never touches the cache; the current source's wheel is installed there with
 ``--no-deps`` (it is rebuilt, ~3 min, only when the source changed).
@@ -137,13 +137,29 @@ def base_hash() -> str:
     return _digest([BASE_RECIPE.encode(), SUITE.encode(), mirror().encode(), BASE_PACKAGES.encode()])
 
 
+def _dependencies() -> bytes:
+    """What the agent venv's content depends on in pyproject.toml: the dependency lists, not the tools' config."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: tomli (in the full extra)
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text()).get("project", {})
+    deps = {
+        "dependencies": project.get("dependencies"),
+        "optional": project.get("optional-dependencies"),
+        "requires-python": project.get("requires-python"),
+    }
+    return json.dumps(deps, sort_keys=True).encode()
+
+
 def agent_hash() -> str:
     return _digest(
         [
             AGENT_RECIPE.encode(),
             base_hash().encode(),
             INSTALL_SCRIPT.read_bytes(),
-            (REPO / "pyproject.toml").read_bytes(),
+            _dependencies(),
             BUILD_REQUIRES.encode(),
             AGENT_PREFIX.encode(),
         ]
@@ -248,7 +264,7 @@ def _copy_host_network_files(root: Path) -> None:
 
 def mount_view(merged: Path, lowers: Sequence[Path], upper: Path | None) -> list[Path]:
     """Mount ``lowers`` (top first) with ``upper`` as a writable overlay at ``merged`` (a bind mount when
-    there is one lower and no upper), and /proc, /sys, /dev inside; the mount points to unmount, last first."""
+    there is one lower and no upper), and /proc, /sys inside; the mount points to unmount, last first."""
     merged.mkdir(parents=True, exist_ok=True)
     if upper is None and len(lowers) == 1:
         _run(["mount", "--bind", str(lowers[0]), str(merged)], f"bind mount {lowers[0]}")
@@ -262,12 +278,14 @@ def mount_view(merged: Path, lowers: Sequence[Path], upper: Path | None) -> list
         _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], f"overlay mount at {merged}")
     mounted = [merged]
     try:
-        for fs, args in (("proc", ["-t", "proc", "proc"]), ("sys", ["--rbind", "/sys"]), ("dev", ["--rbind", "/dev"])):
+        # Fresh proc and sysfs instances, no submounts, and NOT this machine's /dev: the rootfs keeps the
+        # device nodes debootstrap made (null, zero, urandom, tty...). A view left mounted by a killed process
+        # and then deleted with rmtree (pytest's old temp folders) must not reach this machine's /dev or its
+        # cgroup hierarchies; proc and sysfs entries cannot be unlinked.
+        for fs, args in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"])):
             point = merged / fs
             point.mkdir(exist_ok=True)
             _run(["mount", *args, str(point)], f"mount /{fs} in {merged}")
-            if fs != "proc":
-                subprocess.run(["mount", "--make-rslave", str(point)], capture_output=True, timeout=30)
             mounted.append(point)
     except BaseException:
         for p in reversed(mounted):
@@ -403,12 +421,30 @@ def _copy_source(root: Path, dest: str = "tmp/fedcmd-src") -> str:
 def _build_wheel_in(root: Path, log: Path) -> Path:
     """Build the fedcmd wheel of the current source inside a mounted agent view; its path on this machine."""
     src = _copy_source(root)
-    sh(
-        root,
-        f"rm -rf /tmp/wheel && {BUILD_VENV}/bin/pip wheel -q --no-deps --no-build-isolation -w /tmp/wheel {src}",
-        "building the aarch64 wheel",
-        log=log,
-    )
+    jobs = os.cpu_count() or 1
+    # The CMake tree persists in the cache (per agent layer: one compiler), mounted where scikit-build-core
+    # puts it (build/{wheel_tag} of the copied source, whose files keep their times): a change of the
+    # Python sources only re-packs the wheel, a C++ change recompiles what it touches (emulated: minutes).
+    # Without pybind11's link-time optimisation: its LTO link alone took ~30 min under emulation (measured);
+    # the kernels' own flags (-O3, NEON baseline) are unchanged, and `pip install .` on a real Pi keeps LTO.
+    tree = cache_dir() / "wheel-build" / agent_hash()
+    tree.mkdir(parents=True, exist_ok=True)
+    for stale in tree.parent.iterdir():
+        if stale != tree:
+            shutil.rmtree(stale, ignore_errors=True)
+    point = root / src.lstrip("/") / "build"
+    point.mkdir(exist_ok=True)
+    _run(["mount", "--bind", str(tree), str(point)], "bind mount of the wheel build tree")
+    try:
+        sh(
+            root,
+            f"rm -rf /tmp/wheel && CMAKE_BUILD_PARALLEL_LEVEL={jobs} {BUILD_VENV}/bin/pip wheel -q --no-deps "
+            f"--no-build-isolation -Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -w /tmp/wheel {src}",
+            "building the aarch64 wheel",
+            log=log,
+        )
+    finally:
+        _umount(point)
     wheels = sorted((root / "tmp" / "wheel").glob("fedcmd-*.whl"))
     if len(wheels) != 1 or "aarch64" not in wheels[0].name:
         raise ArmError(f"the wheel build left {[w.name for w in wheels]} instead of one aarch64 wheel (log: {log})")

@@ -68,6 +68,9 @@ class FleetUnderTest:
     edge_cmd: list[str]  # fedcmd-edge on the devices
     report: list[str] = field(default_factory=list)  # what the terminal summary says about this fleet
     broker_restarts: int = 0  # restart_broker() calls so far
+    # How many times longer than the x86 namespace fleet's a round may take here (an emulated device trains
+    # ~100x slower): the conformance tests scale their round deadlines, waits and round counts by it.
+    pace: float = 1.0
 
     def unsupported(self, what: str) -> str | None:
         """Why this fleet cannot do ``what`` ("coordinator", "broker_restart", "link", "netns"); None if it can."""

@@ -199,9 +199,9 @@ class NetnsFleet(FleetUnderTest):
             "broker": self.broker_url,
             "join_ratio": 1.0,
             "min_clients": 1,
-            "round_deadline": 30.0,
+            "round_deadline": 30.0 * self.pace,
             "wait_clients": len(self.devices),
-            "registration_timeout": 300.0,
+            "registration_timeout": 300.0 * self.pace,
             "run": self.run_spec,
         }
         self.watcher.forget_status()

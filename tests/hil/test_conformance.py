@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ import pytest
 from hil.coordinator import CoordinatorRun, answered, sampled, wait_file
 from hil.fleet import FleetUnderTest
 
-pytestmark = [pytest.mark.hil, pytest.mark.timeout(600)]
+# make hil-arm (FEDCMD_HIL_ARM=1): the fleet has an emulated device, whose rounds take far longer
+pytestmark = [pytest.mark.hil, pytest.mark.timeout(2400 if os.environ.get("FEDCMD_HIL_ARM") == "1" else 600)]
 
 RUN_TIMEOUT = 300.0  # seconds a coordinator run may take, registration included
 
@@ -42,9 +44,9 @@ def baseline(fleet: FleetUnderTest, tmp_path_factory: pytest.TempPathFactory) ->
     w = fleet.watcher
     w.wait(lambda: ids <= {c for c, p in w.presence.items() if p.get("state") == "online"}
            and w.status.get("state") in ("running", "finished"),
-           RUN_TIMEOUT, "every device online and the run started", fleet.explain)
+           RUN_TIMEOUT * fleet.pace, "every device online and the run started", fleet.explain)
     online, presence = int(w.status.get("online", 0)), {c: dict(p) for c, p in w.presence.items()}
-    rows = run.wait(RUN_TIMEOUT)
+    rows = run.wait(RUN_TIMEOUT * fleet.pace)
     return Baseline(run, rows, presence, online)
 
 
@@ -81,7 +83,8 @@ def test_device_exports_onnx_and_predicts(fleet: FleetUnderTest, baseline: Basel
         np.save(tmp_path / f"inputs-{d.id}.npy", x)
         remote = fleet.put_file(d, tmp_path / f"inputs-{d.id}.npy")
         # the agent exports after its last update went out: give it a moment
-        wait_file(lambda d=d: d.run(["test", "-s", d.model_path]).returncode == 0, 60, f"{d.model_path} on {d}")
+        wait_file(lambda d=d: d.run(["test", "-s", d.model_path]).returncode == 0, 60 * fleet.pace,
+                  f"{d.model_path} on {d}")
         proc = d.run([*(d.edge_cmd or fleet.edge_cmd), "predict", "--model", d.model_path, "--json", remote])
         assert proc.returncode == 0, f"predict on {d}: {proc.stderr.decode()[-2000:]}"
         predictions = json.loads(proc.stdout)
@@ -100,13 +103,14 @@ def test_device_exports_onnx_and_predicts(fleet: FleetUnderTest, baseline: Basel
 def test_link_cut_mid_round_closes_at_deadline_and_device_rejoins(fleet: FleetUnderTest, tmp_path: Path) -> None:
     fleet.require("coordinator", "link")
     victim = fleet.devices[-1]
-    deadline, quorum = 4.0, max(1, len(fleet.devices) - 1)
+    deadline, quorum = 4.0 * fleet.pace, max(1, len(fleet.devices) - 1)
     w = fleet.watcher
     w.watch_tasks(victim.id)
-    run = fleet.coordinator(tmp_path, rounds=30, round_deadline=deadline, min_clients=quorum)
-    w.wait(lambda: w.next_round() >= 1, RUN_TIMEOUT, "a first round", fleet.explain)
+    rounds = 30 if fleet.pace == 1 else max(8, round(30 / fleet.pace))
+    run = fleet.coordinator(tmp_path, rounds=rounds, round_deadline=deadline, min_clients=quorum)
+    w.wait(lambda: w.next_round() >= 1, RUN_TIMEOUT * fleet.pace, "a first round", fleet.explain)
     seen = len(w.tasks[victim.id])
-    w.wait(lambda: len(w.tasks[victim.id]) > seen, 60, f"a task for {victim}", fleet.explain)
+    w.wait(lambda: len(w.tasks[victim.id]) > seen, 60 * fleet.pace, f"a task for {victim}", fleet.explain)
     cut_at = w.next_round()
     fleet.set_link(victim, up=False)  # while its round runs
 
@@ -115,10 +119,10 @@ def test_link_cut_mid_round_closes_at_deadline_and_device_rejoins(fleet: FleetUn
         return last.get("round", 0) > cut_at and last["answered"] < last["sampled"]
 
     try:
-        w.wait(closed_without_victim, 120, f"a round closed without {victim}", fleet.explain)
+        w.wait(closed_without_victim, 120 * fleet.pace, f"a round closed without {victim}", fleet.explain)
     finally:
         fleet.set_link(victim, up=True)
-    rows = run.wait(RUN_TIMEOUT)
+    rows = run.wait(RUN_TIMEOUT * fleet.pace)
     missed = [i for i, r in enumerate(rows) if i >= cut_at and victim.id in sampled(r) and victim.id not in answered(r)]
     assert missed, f"no round after the cut (round {cut_at + 1}) went without {victim}: {rows}"
     row = rows[missed[0]]
@@ -134,19 +138,20 @@ def test_device_survives_broker_restarts(fleet: FleetUnderTest, tmp_path: Path) 
     receiver has seen once before)."""
     fleet.require("coordinator", "broker_restart")
     w, n = fleet.watcher, len(fleet.devices)
-    rounds = 60  # ~0.1 s each here: room for the second restart after everyone is back
-    run = fleet.coordinator(tmp_path, rounds=rounds, round_deadline=5.0, min_clients=1)
-    w.wait(lambda: w.next_round() >= 2, RUN_TIMEOUT, "two finished rounds", fleet.explain)
+    # ~0.1 s each here: room for the second restart after everyone is back
+    rounds = 60 if fleet.pace == 1 else max(12, round(60 / fleet.pace))
+    run = fleet.coordinator(tmp_path, rounds=rounds, round_deadline=5.0 * fleet.pace, min_clients=1)
+    w.wait(lambda: w.next_round() >= 2, RUN_TIMEOUT * fleet.pace, "two finished rounds", fleet.explain)
     restarts = [w.next_round()]
     fleet.restart_broker()  # mid-run: the coordinator is in round restarts[0] + 1
 
     def all_back() -> bool:
         last = w.status.get("last_round") or {}
         return last.get("round", 0) > restarts[0] + 1 and last.get("answered") == n
-    w.wait(all_back, 120, "a round every device answered after the restart", fleet.explain)
+    w.wait(all_back, 120 * fleet.pace, "a round every device answered after the restart", fleet.explain)
     restarts.append(w.next_round())
     fleet.restart_broker()
-    rows = run.wait(RUN_TIMEOUT)
+    rows = run.wait(RUN_TIMEOUT * fleet.pace)
     assert [int(r["round"]) for r in rows] == list(range(1, rounds + 1)), "rounds lost across the broker restarts"
     for k, at in enumerate(restarts):
         after = rows[at + 1 : restarts[k + 1] + 1] if k + 1 < len(restarts) else rows[at + 1 :]
