@@ -439,7 +439,8 @@ def _build_wheel_in(root: Path, log: Path) -> Path:
         sh(
             root,
             f"rm -rf /tmp/wheel && CMAKE_BUILD_PARALLEL_LEVEL={jobs} {BUILD_VENV}/bin/pip wheel -q --no-deps "
-            f"--no-build-isolation -Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -w /tmp/wheel {src}",
+            "--no-build-isolation --config-settings=cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF "
+            f"-w /tmp/wheel {src}",
             "building the aarch64 wheel",
             log=log,
         )
