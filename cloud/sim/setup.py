@@ -85,7 +85,8 @@ def _device(cfg: RunConfig) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():  # asked for, not there: say so rather than quietly train on the CPU
         why = "this torch has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
-        raise ConfigError(f"--use_cuda 1: {why} (torch.cuda.is_available() is false); drop --use_cuda to run on the CPU")
+        raise ConfigError(f"--use_cuda 1: {why} (torch.cuda.is_available() is false); "
+                          "drop --use_cuda to run on the CPU")
     return torch.device("cuda")
 
 
