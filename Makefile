@@ -20,15 +20,18 @@ setup: $(STAMP)
 # The editable install compiles fedcmd_core._native (scikit-build-core + CMake): re-run it when the C++ changes.
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.hpp csrc/cuda/*.cu)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS) -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile $(TORCH_PINS) -e '.[dev]'
 	@touch $(STAMP)
 
 lint: setup
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers: most tests wait on brokers, subprocesses and sockets, so two share two cores well;
+# the hardware-in-the-loop tests go to one worker together (tests/conftest.py). TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 demo: setup
 	$(BIN)/fedcmd data partition -d mnist5k -a 0.1 -cn 20 -ls 20 --seed 42 --out $(DEMO)/partition.npz --force

@@ -37,3 +37,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 f"{REQUIRE_MOSQUITTO}=1 but mosquitto, mosquitto_pub or mosquitto_sub is not installed "
                 "(apt-get install -y mosquitto mosquitto-clients): the MQTT tests would all skip"
             )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # make test runs the suite on two pytest-xdist workers (--dist loadgroup): the hardware-in-the-loop tests
+    # share one namespace fleet with fixed namespace names, so all of them go to the same worker
+    group = pytest.mark.xdist_group("hil")
+    for item in items:
+        if item.path.parent.name == "hil":
+            item.add_marker(group)
