@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -279,7 +280,12 @@ def simulate(
         cfg = resolve(file_values, cli_values)
         target = cfg.out or run_output.default_out(cfg)
         run_output.check_out(target, force)
-        check_writable(_existing_parent(target), "--out")  # the run folder is staged beside it
+        base = _existing_parent(target)
+        try:
+            check_writable(base, "--out")  # the run folder is staged beside it
+        except DiskError as e:  # name the folder the user asked for, and the one that refused
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise DiskError(f"--out: cannot write to {target.parent}: {base} refuses new files ({why})", e.errno) from e
     except ConfigError as e:
         fail(str(e))
         return
