@@ -40,11 +40,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from protocols.chunking import DEFAULT_LIMIT, DEFAULT_MAX_MESSAGE, ChunkError, Reassembler, split
-from protocols.memory import MemoryTransport
 from protocols.topics import matches
 from protocols.transport import Handler, Transport, TransportError
 
-__all__ = ["BrokerAddress", "MqttTransport", "TlsConfig", "TransportError", "make_transport", "parse_url"]
+__all__ = ["BrokerAddress", "MqttTransport", "TlsConfig", "TransportError", "parse_url"]
 
 log = logging.getLogger("fedcmd.mqtt")
 
@@ -760,15 +759,3 @@ def connect(
     except ValueError as e:
         raise AddressError(str(e)) from None
 
-
-def make_transport(url_or_memory: str | Transport, client_id: str = "fedcmd", **kw: Any) -> Transport:
-    """``"memory"`` -> a new :class:`MemoryTransport` (in-process parties must share one instance);
-    ``mqtt://`` / ``mqtts://`` URL -> :class:`MqttTransport` (``kw`` are its keyword arguments);
-    an existing transport is returned as it is."""
-    if isinstance(url_or_memory, Transport):
-        return url_or_memory
-    if url_or_memory == "memory":
-        return MemoryTransport()
-    if url_or_memory.startswith(("mqtt://", "mqtts://")):
-        return MqttTransport(url_or_memory, client_id, **kw)
-    raise ValueError(f"transport must be 'memory' or an mqtt:// / mqtts:// URL, got {url_or_memory!r}")

@@ -22,8 +22,7 @@ from brokers import amqtt_broker, mosquitto_broker, mosquitto_factory  # noqa: F
 from protocols.broker import Broker, free_port
 from protocols.chunking import parse_chunk, split
 from protocols.codec import Header, decode, encode
-from protocols.memory import MemoryTransport
-from protocols.mqtt import MqttTransport, TlsConfig, TransportError, make_transport, parse_url
+from protocols.mqtt import MqttTransport, TlsConfig, TransportError, parse_url
 from protocols.topics import (
     parse_presence,
     presence_filter,
@@ -361,7 +360,7 @@ def test_amqtt_exchange(amqtt_broker: Broker, transports: list[MqttTransport]) -
     assert a.run_until(lambda: bool(back.items), WAIT) and back.payloads == [b"pong"]
 
 
-def test_urls_and_factory() -> None:
+def test_urls() -> None:
     assert parse_url("mqtt://127.0.0.1:1884").port == 1884
     addr = parse_url("mqtts://dev%40x:p%3Aw@broker.example?protocol=3.1.1")
     assert (addr.host, addr.port, addr.tls, addr.username, addr.password, addr.protocol) == (
@@ -370,11 +369,6 @@ def test_urls_and_factory() -> None:
     for bad in ["tcp://h:1", "mqtt://", "mqtt://h:1/path", "mqtt://h:1?x=1", "mqtt://h:1?protocol=4", "mqtt://h:99999"]:
         with pytest.raises(ValueError):
             parse_url(bad)
-    shared = MemoryTransport()
-    assert make_transport(shared, "x") is shared
-    assert isinstance(make_transport("memory", "x"), MemoryTransport)
-    with pytest.raises(ValueError):
-        make_transport("carrier-pigeon://x", "x")
 
 
 def _openssl_certs(tmp: Path) -> tuple[Path, Path, Path]:
