@@ -30,7 +30,10 @@ lint: setup
 # the hardware-in-the-loop tests go to one worker together (tests/conftest.py). TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
+# tests/system_deps.sh installs mosquitto and chromium with apt-get when run as root (else those tests skip,
+# with the reason in the summary)
 test: setup lint
+	@bash tests/system_deps.sh
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 demo: setup

@@ -134,7 +134,16 @@ def capture_log(buffer: io.StringIO) -> logging.Logger:
 
 
 def default_out(cfg: RunConfig) -> Path:
-    return Path("runs") / cfg.algo / cfg.dataset / time.strftime("%Y%m%d-%H%M%S")
+    """runs/<algo>/<dataset>/<start time>; a run started in the same second as another gets -2, -3, ...
+
+    (two commands of a script would otherwise collide and the second one refuse a folder its user never named)
+    """
+    base = Path("runs") / cfg.algo / cfg.dataset / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists() or (out.parent / f".{out.name}.partial").exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def check_out(out: Path, force: bool) -> None:

@@ -47,7 +47,10 @@ def _start(partition: Path, out: Path, rounds: int) -> subprocess.Popen[str]:
         str(out),
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # Ctrl-C must reach the run even where this test runs in the background (a shell gives background jobs
+    # SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_round(proc: subprocess.Popen[str], rnd: int, timeout: float) -> list[str]:

@@ -46,7 +46,9 @@ def test_status_watch_prints_every_new_status_until_ctrl_c(mosquitto_broker) -> 
         t.publish(status_topic("lab"), json.dumps(STATUS).encode(), retain=True)
     proc = subprocess.Popen([str(Path(sys.executable).with_name("fedcmd")), "cloud", "status", "--broker",
                              mosquitto_broker.url, "--fleet", "lab", "--watch", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT below must arrive even where the suite runs as a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     try:
