@@ -1,6 +1,8 @@
 """Private MQTT brokers on a free loopback port: for tests, ``fedcmd simulate --broker auto`` and demos.
 
-``mosquitto`` runs as a subprocess with a generated config. Two settings matter (DESIGN.md §6):
+``mosquitto`` runs as a subprocess with a config from :func:`mosquitto_config`, the one generator of
+mosquitto settings in the tree (``cloud.deploy.security.broker_config`` builds the fleet broker's with it,
+and ``deploy/mosquitto/mosquitto.conf`` is checked against it). Two settings matter (DESIGN.md §6):
 ``max_queued_messages 0`` (the default of 1000 silently drops QoS 1 bursts to a busy subscriber) and,
 when we run as root, ``user root`` (mosquitto otherwise drops privileges to user ``mosquitto``, which
 then cannot read files in a root-only work directory such as password or ACL files). The embedded
@@ -19,7 +21,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +53,81 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One mosquitto listener. ``bind``: the address (None: every interface, IPv4 and IPv6). ``tls``: the
+    (cafile, certfile, keyfile) of a TLS listener; ``cert_identity``: TLS clients must present a certificate
+    from cafile and its CN is their username. ``username_as_clientid``: the broker knows each client by its
+    username (a device cannot knock another off with its client id). ``unlimited_connections``: say
+    mosquitto's default (no cap) out loud, for the fleet-scale private broker."""
+
+    port: int
+    bind: str | None = HOST
+    tls: tuple[Path, Path, Path] | None = None
+    cert_identity: bool = False
+    username_as_clientid: bool = False
+    unlimited_connections: bool = False
+
+    def lines(self) -> list[str]:
+        out = [f"listener {self.port} {self.bind}" if self.bind else f"listener {self.port}"]
+        if self.unlimited_connections:
+            out.append("max_connections -1")
+        if self.tls is not None:
+            cafile, certfile, keyfile = self.tls
+            out += [f"cafile {cafile}", f"certfile {certfile}", f"keyfile {keyfile}",
+                    f"require_certificate {'true' if self.cert_identity else 'false'}"]
+            if self.cert_identity:
+                out.append("use_identity_as_username true")
+        if self.username_as_clientid:
+            out.append("use_username_as_clientid true")
+        return out
+
+
+def mosquitto_config(
+    listeners: Sequence[Listener],
+    *,
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
+    anonymous: bool = False,
+    fleet_scale: bool = False,
+    run_as_root: bool | None = None,
+    header: str = "",
+    extra: Sequence[str] = (),
+) -> str:
+    """A mosquitto 2.0 config: the global settings, then each listener with its own.
+
+    ``anonymous``: anyone may connect (the private test/sim broker); else logins go through
+    ``password_file`` and ``acl_file``. ``fleet_scale``: a loopback broker for thousands of simulated
+    agents (issue 16): no Nagle delay on small packets, no cap on in-flight QoS 1 messages.
+    ``run_as_root``: add ``user root`` (None: when this process is root). ``extra`` lines go last."""
+    lines = [header] if header else []
+    lines += ["per_listener_settings false", f"allow_anonymous {'true' if anonymous else 'false'}"]
+    if password_file is not None:
+        lines.append(f"password_file {password_file}")
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
+    if fleet_scale:
+        lines += ["set_tcp_nodelay true", "max_inflight_messages 0"]
+    lines += [
+        "max_queued_messages 0",  # unlimited: the default 1000 drops QoS 1 bursts silently
+        f"max_packet_size {MAX_PACKET_SIZE}",
+        # The tests' and the simulation's brokers start empty; production's (deploy/mosquitto) persists.
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+    ]
+    if run_as_root if run_as_root is not None else (hasattr(os, "geteuid") and os.geteuid() == 0):
+        lines.append("user root")  # else mosquitto becomes user 'mosquitto' and cannot read our files
+    for listener in listeners:
+        lines += ["", *listener.lines()]
+    lines += list(extra)
+    return "\n".join(lines) + "\n"
 
 
 def _listening(host: str, port: int) -> bool:
@@ -135,28 +213,13 @@ class MosquittoBroker(Broker):
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        lines = [
-            f"listener {port} {host}",
-            # Fleet scale (issue 16): no connection cap on the listener (mosquitto's default, said here), and
-            # no Nagle delay on small packets (presences, PUBACKs). Each connection is one file descriptor:
-            # start() lifts the broker's soft RLIMIT_NOFILE to its hard limit (10,000 agents need 10,000+).
-            "max_connections -1",
-            "set_tcp_nodelay true",
-            "allow_anonymous true",
-            "max_queued_messages 0",  # unlimited: the default 1000 drops QoS 1 bursts silently
-            "max_inflight_messages 0",
-            f"max_packet_size {MAX_PACKET_SIZE}",
-            "persistence false",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")  # else mosquitto becomes user 'mosquitto' and cannot read our files
-        self.config_path.write_text("\n".join(lines) + "\n" + (extra_config.strip() + "\n" if extra_config else ""))
+        # Fleet scale (issue 16): each connection is one file descriptor, so start() also lifts the broker's
+        # soft RLIMIT_NOFILE to its hard limit (10,000 agents need 10,000+).
+        config = mosquitto_config(
+            [Listener(port, host, unlimited_connections=True)], anonymous=True, fleet_scale=True,
+            extra=[extra_config.strip()] if extra_config.strip() else (),
+        )
+        self.config_path.write_text(config)
         self.start()
 
     @property

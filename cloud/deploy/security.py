@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocols import topics
+from protocols.broker import Listener, mosquitto_config
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -595,35 +596,18 @@ def broker_config(
 ) -> str:
     """A mosquitto 2.0 config for a fleet broker: a password listener on ``port`` and/or a TLS listener on
     ``tls_port``. ``cert_identity``: TLS clients must present a certificate from ``cafile`` and its CN
-    is their username (no password); otherwise TLS only encrypts and clients log in with a password."""
-    lines = [
-        "# fedcmd broker (see deploy/mosquitto/README.md)",
-        "per_listener_settings false",
-        "allow_anonymous false",
-    ]
-    if password_file is not None:
-        lines.append(f"password_file {password_file}")
-    if acl_file is not None:
-        lines.append(f"acl_file {acl_file}")
-    # The default (1000) silently drops QoS 1 bursts to a busy coordinator: never drop.
-    lines += ["max_queued_messages 0", "persistence false"]
-    if run_as_root:
-        lines.append("user root")  # else mosquitto drops to user `mosquitto` before reading the files
+    is their username (no password); otherwise TLS only encrypts and clients log in with a password.
+    Only the deploy side lives here (which files, which listeners); the settings themselves come from
+    :func:`protocols.broker.mosquitto_config`, the one generator."""
+    listeners: list[Listener] = []
     if port is not None:
-        lines += ["", f"listener {port} {bind}", "use_username_as_clientid true"]
+        listeners.append(Listener(port, bind, username_as_clientid=True))
     if tls_port is not None:
         if cafile is None or certfile is None or keyfile is None:
             raise SecurityError("a TLS listener needs cafile, certfile and keyfile")
-        lines += [
-            "",
-            f"listener {tls_port} {tls_bind or bind}",
-            f"cafile {cafile}",
-            f"certfile {certfile}",
-            f"keyfile {keyfile}",
-            f"require_certificate {'true' if cert_identity else 'false'}",
-        ]
-        if cert_identity:
-            lines.append("use_identity_as_username true")
-        lines.append("use_username_as_clientid true")
-    lines += list(extra)
-    return "\n".join(lines) + "\n"
+        listeners.append(Listener(tls_port, tls_bind or bind, tls=(cafile, certfile, keyfile),
+                                  cert_identity=cert_identity, username_as_clientid=True))
+    return mosquitto_config(
+        listeners, password_file=password_file, acl_file=acl_file, run_as_root=run_as_root,
+        header="# fedcmd broker (see deploy/mosquitto/README.md)", extra=extra,
+    )
