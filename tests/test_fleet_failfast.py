@@ -124,4 +124,7 @@ def test_a_broker_refusing_the_agents_connections_stops_the_fleet_with_its_reaso
     assert "fleet simulation stopped: agent worker 1 of 1" in lines[0], lines[0]
     assert "cannot connect to the MQTT broker" in lines[0] and "sim-agent-" in lines[0], lines[0]
     assert "Traceback" not in stderr
-    assert elapsed < 45, f"{elapsed:.1f} s"
+    # not a hang: without fail-fast the coordinator would wait for the missing agents for its registration
+    # timeout (cloud/sim/fleet.py: at least 120 s); start-up alone (torch, the worker) takes 10-40 s on a busy
+    # 2-core machine (47 s was seen in make test), so the bound sits halfway to that timeout
+    assert elapsed < 60, f"{elapsed:.1f} s"
