@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictFloat, ValidationError, field_validator, model_validator
 
+from fedcmd_core.atomic import DiskError, check_writable  # not state_tree: that one costs numpy at import
 from fedcmd_core.runspec import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -18,7 +19,6 @@ from fedcmd_core.runspec import (
     TrainingSettings,
     first_error,
 )
-from fedcmd_core.state_tree import DiskError, check_writable
 from fedcmd_core.suggest import unknown_key
 
 if sys.version_info >= (3, 11):
