@@ -22,21 +22,17 @@ apt_install() {  # an out-of-date package index is the usual failure on a fresh 
 }
 
 missing=0
-if ! have_broker; then
-  apt_install mosquitto mosquitto-clients
-  if ! have_broker; then
-    missing=1
-    echo "tests/system_deps.sh: mosquitto and mosquitto-clients are not installed (not root, or apt-get failed):" \
-         "the MQTT tests (memory vs MQTT, SIGKILL resume, ACL/TLS, cloud status) will skip" >&2
-  fi
-fi
-if ! have_browser; then
-  apt_install chromium chromium-driver
-  if ! have_browser; then
-    missing=1
-    echo "tests/system_deps.sh: chromium and chromium-driver are not installed (not root, or apt-get failed):" \
-         "the dashboard's real-browser tests will skip" >&2
-  fi
-fi
+# ensure CHECK WHAT-SKIPS PACKAGE...: install the packages when CHECK fails; still failing, say which tests skip
+ensure() {
+  local check=$1 skips=$2
+  shift 2
+  "$check" && return
+  apt_install "$@"
+  "$check" && return
+  missing=1
+  echo "tests/system_deps.sh: $* not installed (not root, or apt-get failed): $skips will skip" >&2
+}
+ensure have_broker "the MQTT tests (memory vs MQTT, SIGKILL resume, ACL/TLS, cloud status)" mosquitto mosquitto-clients
+ensure have_browser "the dashboard's real-browser tests" chromium chromium-driver
 [ "$strict" = 1 ] && [ "$missing" = 1 ] && exit 1
 exit 0
